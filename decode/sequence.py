@@ -5,7 +5,7 @@ is decided here, so a finished sequence never runs one step too many.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from models.sampler import SamplingParams
 
@@ -78,7 +78,8 @@ class DecodeSequence:
     output_index: int            # output tokens produced before this sequence's KV arrived
     num_generated: int = 0       # output tokens in total (output_index + produced here)
     finish_reason: str | None = None
-    started: bool = field(default=False)
+    started: bool = False
+    num_prefix_hit: int = 0      # colocated: context tokens found in the prefix cache
 
     def append(self, token_id: int) -> str | None:
         """Add a sampled token; returns the finish reason if it ends the sequence."""

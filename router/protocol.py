@@ -170,12 +170,20 @@ class Prefill(Message):
 
 @dataclass
 class FirstToken(Message):
-    """Prefill -> router: KV pushed and the first token sampled (TTFT ends here)."""
+    """Prefill -> router: KV pushed and the first token sampled (TTFT ends here).
+
+    ``finish_reason`` is set when this token already ends the request (EOS, a stop token id,
+    max_tokens reached); the decode worker reaches the same verdict and frees the request.
+    Tokens that a decode worker reports for a request are always later output tokens: the
+    router emits the first token from this message alone (and holds any ``Tokens`` item that
+    overtakes it on the other socket until it arrives).
+    """
     TAG: ClassVar[int] = 16
     rid: str
     transfer_id: str
     token_id: int
     logprob: float
+    finish_reason: str | None = None
 
 
 @dataclass
