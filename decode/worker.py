@@ -1,0 +1,156 @@
+"""The decode worker process (role ``decode``), and the colocated worker (role ``both``).
+
+Rank 0 runs an asyncio loop: router messages and KV completions are handled on the loop
+thread, each model step runs on a single model thread (so socket I/O never waits on the
+model), and one ``Tokens`` message per step carries every sequence's new token. Ranks
+1..K-1 (``--tp K``) only follow rank 0's step plans on their own shard.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from decode.engine import DecodeEngine, run_step_plan
+from kvtransfer.allocator import NoFreeBlocks
+from models.parallel import ParallelContext, broadcast_plan
+from prefill.tp_group import TPGroup, follow_plans
+from prefill.worker_common import WorkerOptions, build_runner, run_worker, worker_info
+from router import protocol as P
+
+log = logging.getLogger("pdserve.decode")
+
+
+def rank_main(ctx: ParallelContext, options: dict) -> None:
+    """Ranks 1..K-1: build the shard, then execute rank 0's plans."""
+    opts = WorkerOptions(**options)
+    runner = build_runner(opts, ctx)
+    receiver = None
+    if opts.role == "decode":
+        from decode.kv_receive import make_receiver
+        receiver = make_receiver(opts, runner, ctx)
+    try:
+        follow_plans(ctx, lambda plan: run_step_plan(runner, plan))
+    finally:
+        if receiver is not None:
+            receiver.close()
+        runner.close()
+
+
+class DecodeWorker:
+    def __init__(self, opts: WorkerOptions, ctx: ParallelContext, runner, group: TPGroup):
+        self.opts = opts
+        self.ctx = ctx
+        self.group = group
+        self.engine = DecodeEngine(runner, colocated=opts.role == "both",
+                                   max_num_seqs=opts.max_num_seqs,
+                                   max_num_batched_tokens=opts.max_num_batched_tokens)
+        self.receiver = None
+        if opts.role == "decode":
+            from decode.kv_receive import make_receiver
+            self.receiver = make_receiver(opts, runner, ctx)
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
+        self.wake = asyncio.Event()
+        self.link = None
+        self.step_count = 0
+
+    # -- router messages ------------------------------------------------------------------
+    def handle(self, msg: P.Message) -> None:
+        if isinstance(msg, P.Allocate):
+            self._allocate(msg)
+        elif isinstance(msg, P.Prefill):
+            try:
+                self.engine.prefill_local(msg.rid, msg.transfer_id)
+                self.wake.set()
+            except ValueError as exc:
+                self.link.send(P.WorkerError(msg.rid, msg.transfer_id, str(exc)))
+        elif isinstance(msg, P.Free):
+            self._free(msg.rid)
+
+    def _allocate(self, msg: P.Allocate) -> None:
+        try:
+            seq = self.engine.reserve(msg.rid, msg.transfer_id, list(msg.token_ids), msg.sampling,
+                                      msg.output_index)
+        except (NoFreeBlocks, ValueError) as exc:
+            self.link.send(P.Allocated(msg.rid, msg.transfer_id, None, str(exc)))
+            return
+        if self.receiver is None:
+            dest = {"transport": "local", "transfer_id": msg.transfer_id}
+        else:
+            dest = self.receiver.expect(msg.rid, msg.transfer_id, seq.block_ids)
+        self.link.send(P.Allocated(msg.rid, msg.transfer_id, dest))
+
+    def _free(self, rid: str) -> None:
+        seq = self.engine.decode.by_rid.get(rid)
+        if seq is not None and self.receiver is not None and not seq.started:
+            # KV may still be in flight: the receiver quarantines the blocks until the
+            # writer is done; the engine must not hand them out meanwhile.
+            self.engine.decode.remove(rid)
+            self.receiver.abort(seq.transfer_id, seq.block_ids, self.engine.allocator)
+            return
+        self.engine.free(rid)
+
+    def on_kv(self, rid: str, transfer_id: str, first_token: int | None, error: str | None) -> None:
+        """A reservation's KV landed (or its transfer failed)."""
+        if error is not None:
+            seq = self.engine.decode.by_rid.get(rid)
+            if seq is not None and seq.transfer_id == transfer_id:
+                self._free(rid)
+                self.link.send(P.WorkerError(rid, transfer_id, f"KV transfer failed: {error}"))
+            return
+        reason = self.engine.kv_arrived(transfer_id, rid, first_token)
+        self.link.send(P.Started(rid, transfer_id))
+        if reason is None:
+            self.wake.set()
+
+    def on_router_lost(self) -> None:
+        """Abort everything: no one is left to stream the tokens to."""
+        for rid in list(self.engine.decode.by_rid):
+            self._free(rid)
+
+    # -- steps ------------------------------------------------------------------------------
+    def _execute(self, plan: dict):
+        broadcast_plan(self.ctx, plan)
+        return self.engine.execute_plan(plan)
+
+    async def step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = self.engine.build_plan()
+            if plan is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            results = await loop.run_in_executor(self.model_thread, self._execute, plan)
+            out = self.engine.apply(results)
+            for rid, transfer_id, result, reason in out.first_tokens:
+                self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason))
+            if out.items:
+                self.step_count += 1
+                self.link.send(P.Tokens(self.opts.worker_id, self.step_count,
+                                        [item.to_wire() for item in out.items]))
+
+    def info(self) -> dict:
+        transports = self.receiver.capabilities() if self.receiver is not None else {}
+        return worker_info(self.opts, self.engine.runner, transports)
+
+    def background_tasks(self) -> list:
+        return [self.receiver.events(self.on_kv)] if self.receiver is not None else []
+
+    def stats(self) -> dict:
+        stats = self.engine.stats()
+        if self.receiver is not None:
+            stats.update(self.receiver.stats())
+        return stats
+
+    def close(self) -> None:
+        self.model_thread.shutdown(wait=True)
+        if self.receiver is not None:
+            self.receiver.close()
+        self.group.stop(self.ctx)
+        self.engine.runner.close()
+
+
+def main(args) -> int:
+    """Entry point of ``pdserve worker --role decode|both``."""
+    return run_worker(WorkerOptions.from_args(args), DecodeWorker, rank_main)

@@ -1,0 +1,114 @@
+"""The prefill worker process (role ``prefill``).
+
+Rank 0 runs an asyncio loop: ``Prefill`` messages queue prompts, each model step runs on a
+single model thread while the loop keeps serving sockets, and every finished prompt is
+reported to the router as ``FirstToken`` (the KV and the first token have gone to the decode
+worker's reserved blocks by then). Ranks 1..K-1 follow rank 0's plans on their own shard and
+push their own kv-head shard of every layer.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from models.parallel import ParallelContext, broadcast_plan
+from prefill.engine import PrefillEngine, run_prefill_plan
+from prefill.tp_group import TPGroup, follow_plans
+from prefill.worker_common import WorkerOptions, build_runner, run_worker, worker_info
+from router import protocol as P
+
+log = logging.getLogger("pdserve.prefill")
+
+
+def _make_sender(opts: WorkerOptions, runner, ctx: ParallelContext):
+    from kvtransfer.sender import KVSender
+    return KVSender(runner.pool, runner.kv_spec, tp_rank=ctx.rank, tp_size=ctx.world_size,
+                    transports=opts.kv_transport)
+
+
+def rank_main(ctx: ParallelContext, options: dict) -> None:
+    """Ranks 1..K-1: build the shard and its sender, then execute rank 0's plans."""
+    opts = WorkerOptions(**options)
+    runner = build_runner(opts, ctx)
+    sender = _make_sender(opts, runner, ctx)
+    try:
+        follow_plans(ctx, lambda plan: run_prefill_plan(runner, sender, plan))
+    finally:
+        sender.close()
+        runner.close()
+
+
+class PrefillWorker:
+    def __init__(self, opts: WorkerOptions, ctx: ParallelContext, runner, group: TPGroup):
+        self.opts = opts
+        self.ctx = ctx
+        self.group = group
+        self.sender = _make_sender(opts, runner, ctx)
+        self.engine = PrefillEngine(runner, self.sender,
+                                    max_num_batched_tokens=opts.max_num_batched_tokens,
+                                    max_num_seqs=opts.max_num_seqs)
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
+        self.wake = asyncio.Event()
+        self.link = None
+
+    def info(self) -> dict:
+        return worker_info(self.opts, self.engine.runner, self.sender.capabilities())
+
+    def background_tasks(self) -> list:
+        return [self.sender.released(self._on_released)]
+
+    def _on_released(self, transfer_id: str, error: str | None) -> None:
+        self.engine.transfer_released(transfer_id)
+        self.wake.set()
+
+    def handle(self, msg: P.Message) -> None:
+        if isinstance(msg, P.Prefill):
+            try:
+                self.engine.add(msg.rid, msg.transfer_id, list(msg.token_ids), msg.sampling,
+                                msg.dest, msg.output_index)
+            except ValueError as exc:
+                self.link.send(P.WorkerError(msg.rid, msg.transfer_id, str(exc)))
+                return
+            self.wake.set()
+        elif isinstance(msg, P.Free):
+            self.engine.abort(msg.rid)
+            self.wake.set()
+
+    def on_router_lost(self) -> None:
+        for rid in list(self.engine.scheduler.by_rid):
+            self.engine.abort(rid)
+        self.wake.set()
+
+    def _execute(self, plan: dict):
+        broadcast_plan(self.ctx, plan)
+        return self.engine.execute_plan(plan)
+
+    async def step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = self.engine.build_plan()
+            if plan is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            results = await loop.run_in_executor(self.model_thread, self._execute, plan)
+            for request, result, reason in self.engine.apply(results):
+                self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
+                                            result.logprob, reason))
+
+    def stats(self) -> dict:
+        stats = self.engine.stats()
+        stats.update(self.sender.stats())
+        return stats
+
+    def close(self) -> None:
+        self.model_thread.shutdown(wait=True)
+        self.sender.close()
+        self.group.stop(self.ctx)
+        self.engine.runner.close()
+
+
+def main(args) -> int:
+    """Entry point of ``pdserve worker --role prefill``."""
+    return run_worker(WorkerOptions.from_args(args), PrefillWorker, rank_main)
