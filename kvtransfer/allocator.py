@@ -11,7 +11,7 @@ Invariants:
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Sequence
 
 
@@ -85,24 +85,32 @@ class BlockAllocator:
         return block_ids
 
     def incref(self, block_ids: Sequence[int]) -> None:
-        """Share blocks that are already in use (ref count > 0) with one more owner."""
+        """Share blocks that are already in use (ref count > 0) with one more owner.
+
+        Raises ValueError, changing nothing, if a block id is out of range or free.
+        """
+        self._check_ids(block_ids)
         for block_id in block_ids:
             if self._ref_counts[block_id] <= 0:
                 raise ValueError(f"block {block_id} is free; only used blocks can be shared")
+        for block_id in block_ids:
             self._ref_counts[block_id] += 1
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Drop one reference to each block; a block whose count reaches 0 becomes free.
 
         Blocks are released in reverse so that a sequence's last blocks are reused first
-        and its prefix blocks stay cached longest.
+        and its prefix blocks stay cached longest. Raises ValueError, changing nothing, if a
+        block id is out of range or would be freed more times than it is referenced.
         """
+        self._check_ids(block_ids)
+        for block_id, num_refs in Counter(block_ids).items():
+            if num_refs > self._ref_counts[block_id]:
+                raise ValueError(f"block {block_id} freed twice (ref count "
+                                 f"{self._ref_counts[block_id]}, freed {num_refs} times)")
         for block_id in reversed(block_ids):
-            count = self._ref_counts[block_id]
-            if count <= 0:
-                raise ValueError(f"block {block_id} freed twice")
-            self._ref_counts[block_id] = count - 1
-            if count == 1:
+            self._ref_counts[block_id] -= 1
+            if self._ref_counts[block_id] == 0:
                 self._free[block_id] = None
 
     # -- prefix cache --------------------------------------------------------------------
@@ -146,6 +154,13 @@ class BlockAllocator:
             self._block_hash[block_id] = h
             self._block_tokens[block_id] = tuple(token_ids[i * bs:(i + 1) * bs])
             self._hash_to_block[h] = block_id
+
+    def _check_ids(self, block_ids: Sequence[int]) -> None:
+        # A negative id would silently alias a block at the end of the pool.
+        for block_id in block_ids:
+            if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+                raise ValueError(f"block id {block_id!r} is not in this pool of "
+                                 f"{self.num_blocks} blocks")
 
     def _evict(self, block_id: int) -> None:
         h = self._block_hash[block_id]

@@ -20,6 +20,7 @@ import msgpack
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UNPACK_LIMITS = dict(max_str_len=MAX_MESSAGE_BYTES, max_bin_len=MAX_MESSAGE_BYTES,
                       max_array_len=4 * 1024 * 1024, max_map_len=65536, max_ext_len=0)
+UNPACK_LIMITS = _UNPACK_LIMITS  # for other readers of untrusted msgpack (router.server)
 
 
 class ProtocolError(ValueError):
@@ -107,7 +108,9 @@ class Register(Message):
     """Worker -> router, first message on its backend connection (sent by TP rank 0).
 
     ``info`` keys: role, tp_size, kv_spec (KVSpec.to_dict()), fingerprint, model, transports
-    (what the worker can send or receive; see kvtransfer), max_model_len, num_blocks, pid, host.
+    (what the worker can send or receive, in its order of preference; see kvtransfer),
+    max_model_len, num_blocks, pid, host, vocab_size, eos_token_ids. ``router.workers`` checks
+    them (``REGISTER_INFO_TYPES``).
     """
     TAG: ClassVar[int] = 10
     worker_id: str
@@ -125,7 +128,12 @@ class Registered(Message):
 
 @dataclass
 class Heartbeat(Message):
-    """Worker -> router, every heartbeat interval: liveness and load (free blocks, running...)."""
+    """Worker -> router, every heartbeat interval: liveness and load.
+
+    ``stats`` keys the router reads: num_blocks, free_blocks, running (ints) and optionally
+    waiting / reserved; every other key is passed through to status replies. The router
+    answers each one with ``HeartbeatAck``.
+    """
     TAG: ClassVar[int] = 12
     worker_id: str
     stats: dict
@@ -144,6 +152,7 @@ class Allocate(Message):
     token_ids: list
     sampling: dict
     output_index: int = 0
+    transport: str = ""  # what the prefill side will push with: "local" (same worker) or a transport name
 
 
 @dataclass
@@ -227,10 +236,20 @@ class Started(Message):
     transfer_id: str
 
 
+@dataclass
+class HeartbeatAck(Message):
+    """Router -> worker, answering each Heartbeat. ``registered`` False: this router does not
+    know the worker (it restarted, or declared the worker dead); the worker must drop every
+    request and register again."""
+    TAG: ClassVar[int] = 22
+    worker_id: str
+    registered: bool = True
+
+
 _BY_TAG: dict[int, type[Message]] = {
     cls.TAG: cls for cls in (Generate, Cancel, StatusRequest, Chunk, Error, StatusReply,
                              Register, Registered, Heartbeat, Allocate, Allocated, Prefill,
-                             FirstToken, Tokens, Free, WorkerError, Shutdown, Started)
+                             FirstToken, Tokens, Free, WorkerError, Shutdown, Started, HeartbeatAck)
 }
 _FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...], bool]]] = {}
 
@@ -290,4 +309,4 @@ def decode(data: bytes, allowed: typing.Collection[type[Message]] | None = None)
 
 CLIENT_TO_ROUTER = (Generate, Cancel, StatusRequest)
 WORKER_TO_ROUTER = (Register, Heartbeat, Allocated, FirstToken, Tokens, WorkerError, Started)
-ROUTER_TO_WORKER = (Registered, Allocate, Prefill, Free, Shutdown)
+ROUTER_TO_WORKER = (Registered, Allocate, Prefill, Free, Shutdown, HeartbeatAck)

@@ -1,0 +1,150 @@
+"""Build a model on the meta device and fill it from safetensors, each rank reading only
+its own slice of each tensor (memory-mapped ``get_slice``, never the full tensor)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from models.config import ModelConfig
+from models.llama import LlamaForCausalLM
+from models.parallel import SINGLE, ParallelContext
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Buffers some checkpoints carry that the model recomputes.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    """``"auto"`` -> the checkpoint's dtype (float32 when it names none)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+        return dtype
+    if dtype == "auto":
+        return DTYPES[config.dtype or "float32"]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those of the sharded index, or model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index ({e!r}); "
+                             "re-download or re-save the checkpoint") from None
+        files = [model_dir / name for name in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{index} lists shard(s) that do not exist: {missing}; "
+                             "the checkpoint download is incomplete")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {model_dir}; "
+                     "only safetensors checkpoints are supported")
+
+
+def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """Replace meta parameters with uninitialized ones on ``device``, keeping ties (one
+    parameter shared by two modules stays shared) and attributes such as weight_loader."""
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in replaced:
+                new = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                   requires_grad=False)
+                new.__dict__.update(param.__dict__)
+                replaced[id(param)] = new
+            module._parameters[name] = replaced[id(param)]
+
+
+def load_model(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype,
+               device: torch.device | str = "cpu", ctx: ParallelContext = SINGLE,
+               max_positions: int | None = None) -> LlamaForCausalLM:
+    """Build ``LlamaForCausalLM`` for this rank and load its weights from ``model_dir``.
+
+    Raises ``ValueError`` naming any missing, unexpected or mis-shaped tensor, and the file
+    of a truncated or corrupt checkpoint.
+    """
+    model_dir = Path(model_dir)
+    files = weight_files(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, ctx)
+    materialize(model, device, dtype)
+    params = dict(model.named_parameters())  # tied weights appear once
+    expected = _expected_shards(model, params)
+    loaded: set[tuple[str, object]] = set()
+    unexpected: list[str] = []
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    target = _target(model, name)
+                    if target is None:
+                        continue
+                    if target[0] not in params:
+                        unexpected.append(name)
+                        continue
+                    param = params[target[0]]
+                    try:
+                        param.weight_loader(param, f.get_slice(name), target[1])
+                    except ValueError as e:
+                        raise ValueError(f"tensor {name} in {path.name}: {e}") from None
+                    loaded.add(target)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read {path}: {e}; the file is truncated or corrupt, "
+                             "download or save the checkpoint again") from None
+    if unexpected:
+        raise ValueError(f"checkpoint {model_dir} has tensor(s) this {config.architecture} "
+                         f"does not use: {sorted(unexpected)}; the config and weights disagree")
+    missing = sorted(_checkpoint_name(model, key) for key in expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {model_dir} lacks tensor(s): {missing}; "
+                         "the download is incomplete or the config and weights disagree")
+    model.init_rotary(max_positions or config.max_position_embeddings, dtype, device)
+    return model.eval()
+
+
+def _target(model: LlamaForCausalLM, name: str) -> tuple[str, object] | None:
+    """(parameter name, shard id) a checkpoint tensor loads into; None to skip it."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return None
+    if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        return None  # some tied checkpoints store the shared tensor twice
+    for ckpt, (fused, shard_id) in model.packed_modules_mapping.items():
+        part = f".{ckpt}."
+        if part in name:
+            return name.replace(part, f".{fused}."), shard_id
+    return name, None
+
+
+def _expected_shards(model: LlamaForCausalLM, params: dict) -> set[tuple[str, object]]:
+    shards_of: dict[str, list] = {}
+    for fused, shard_id in model.packed_modules_mapping.values():
+        shards_of.setdefault(fused, []).append(shard_id)
+    expected = set()
+    for name in params:
+        module = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+        for shard_id in shards_of.get(module, [None]):
+            expected.add((name, shard_id))
+    return expected
+
+
+def _checkpoint_name(model: LlamaForCausalLM, key: tuple[str, object]) -> str:
+    name, shard_id = key
+    for ckpt, (fused, sid) in model.packed_modules_mapping.items():
+        if sid == shard_id and f".{fused}." in name:
+            return name.replace(f".{fused}.", f".{ckpt}.")
+    return name

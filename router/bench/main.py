@@ -1,0 +1,274 @@
+"""``pdserve bench``: load-test a running server (``--endpoint``) or compare configurations the
+load test starts for itself (``--spawn disagg:1p1d colocated:2``) on one workload.
+
+For each configuration: connect, read the model's vocabulary size from the server's status (or
+``--vocab-size``), build the prompts, send the warm-up requests, then the measured run (or, with
+``--sweep-rate``, a search for the highest rate meeting the SLO attainment target). Finally one
+comparison table on stdout, and the ``--json`` / ``--plot`` files.
+
+Exit status: 0 when every configuration completed at least one request, 1 when one did not or
+the server could not be reached or started, 2 for bad options.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.bench.arrivals import LoadShape
+from router.bench.metrics import SLO, error_counts, latency_samples_ms, summarize
+from router.bench.report import (ConfigResult, PlotUnavailable, ProgressBar, check_plot_available,
+                                 format_table, plot_results, results_json, write_json)
+from router.bench.spawn import ClusterSpec, parse_cluster_specs, spawned_cluster
+from router.bench.sweep import SweepConfig, find_max_rate
+from router.bench.workload import BenchRequest, WorkloadConfig, build_workload
+from router.config import default_endpoint
+
+CONNECT_TIMEOUT_S = 30.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the load test's options to ``parser`` (the ``pdserve bench`` sub-command)."""
+    target = parser.add_argument_group("target")
+    target.add_argument("--endpoint", help="client endpoint of a running server (default: the one "
+                                           "`pdserve serve` listens on by default, or $PDSERVE_ENDPOINT)")
+    target.add_argument("--spawn", nargs="+", metavar="CONFIG",
+                        help="start a local cluster for each configuration in turn and compare them: "
+                             "disagg:<P>p<D>d or colocated:<N> (e.g. disagg:1p1d colocated:2)")
+    target.add_argument("--model", help="model directory for --spawn (default: the built-in demo model)")
+    target.add_argument("--kv-transport", choices=["auto", "zmq", "shm", "nixl"], default="auto",
+                        help="KV transport of spawned disaggregated clusters (default: auto)")
+    target.add_argument("--request-timeout", type=float, metavar="S",
+                        help="fail a request that gets no answer for S seconds (default: wait)")
+
+    load = parser.add_argument_group("load")
+    load.add_argument("--num-prompts", type=int, default=200, help="measured requests per run (default: 200)")
+    load.add_argument("--request-rate", type=float, default=math.inf,
+                      help="mean requests/s of the open loop; inf sends all at once (default: inf)")
+    load.add_argument("--burstiness", type=float, default=1.0,
+                      help="gamma shape of the gaps: 1 = Poisson, <1 burstier, >1 steadier (default: 1)")
+    load.add_argument("--max-concurrency", type=int,
+                      help="at most this many requests in flight (a closed loop with --request-rate inf)")
+    load.add_argument("--num-warmups", type=int, default=2, help="unmeasured requests sent first (default: 2)")
+    load.add_argument("--seed", type=int, default=0,
+                      help="seed of prompts and arrivals (default: 0); change it between runs against "
+                           "one long-running server, whose prefix cache would otherwise hold the prompts")
+
+    work = parser.add_argument_group("workload")
+    work.add_argument("--input-len", type=int, default=128, help="random prompt length in tokens (default: 128)")
+    work.add_argument("--output-len", type=int, default=32, help="tokens to generate (default: 32)")
+    work.add_argument("--range-ratio", type=float, default=0.0,
+                      help="lengths uniform in [len*(1-r), len*(1+r)], 0 <= r < 1 (default: 0)")
+    work.add_argument("--prefix-len", type=int, default=0,
+                      help="shared random prefix prepended to every prompt, in tokens (default: 0)")
+    work.add_argument("--dataset", metavar="PATH",
+                      help='JSONL prompts: {"prompt": text or "prompt_token_ids": [...], "output_len": n}')
+    work.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
+    work.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    work.add_argument("--vocab-size", type=int,
+                      help="token ids of random prompts are below this (default: the server's, else 256)")
+
+    slo = parser.add_argument_group("SLOs and goodput")
+    slo.add_argument("--slo-ttft-ms", type=float, help="time-to-first-token objective in ms")
+    slo.add_argument("--slo-tpot-ms", type=float, help="time-per-output-token objective in ms")
+    slo.add_argument("--slo-target", type=float, default=0.9,
+                     help="attainment the rate sweep must keep (default: 0.9)")
+    slo.add_argument("--sweep-rate", action="store_true",
+                     help="find the highest request rate keeping SLO attainment >= --slo-target, "
+                          "starting from --request-rate (1 req/s when inf)")
+    slo.add_argument("--sweep-max-runs", type=int, default=8, help="runs per configuration in a sweep (default: 8)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    out.add_argument("--plot", metavar="PATH.png", help="draw latency CDFs and goodput vs rate (needs matplotlib)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Validated options; building it raises ValueError saying which option to change."""
+
+    shape: LoadShape
+    workload: WorkloadConfig
+    slo: SLO
+    sweep: SweepConfig | None
+    num_prompts: int
+    num_warmups: int
+    seed: int
+    sampling: dict
+    vocab_size: int | None
+    request_timeout: float | None
+    progress: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "BenchSettings":
+        for name in ("num_prompts", "vocab_size"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+        if args.num_warmups < 0 or args.seed < 0:
+            raise ValueError("--num-warmups and --seed must be integers >= 0")
+        if not args.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.request_timeout is not None and not args.request_timeout > 0:
+            raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+        shape = LoadShape(args.request_rate, args.burstiness, args.max_concurrency)
+        sweep = None
+        if args.sweep_rate:
+            start = args.request_rate if math.isfinite(args.request_rate) else 1.0
+            sweep = SweepConfig(start_rate=start, target=args.slo_target, max_runs=args.sweep_max_runs)
+        return cls(shape=shape,
+                   workload=WorkloadConfig(args.input_len, args.output_len, args.range_ratio,
+                                           args.prefix_len, args.dataset),
+                   slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms), sweep=sweep,
+                   num_prompts=args.num_prompts, num_warmups=args.num_warmups, seed=args.seed,
+                   sampling={"temperature": args.temperature, "ignore_eos": args.ignore_eos},
+                   vocab_size=args.vocab_size, request_timeout=args.request_timeout,
+                   progress=not args.no_progress and sys.stderr.isatty())
+
+    def params(self) -> dict:
+        """The run's parameters, as recorded in the JSON."""
+        return {"num_prompts": self.num_prompts, "request_rate": self.shape.request_rate,
+                "burstiness": self.shape.burstiness, "max_concurrency": self.shape.max_concurrency,
+                "input_len": self.workload.input_len, "output_len": self.workload.output_len,
+                "range_ratio": self.workload.range_ratio, "prefix_len": self.workload.prefix_len,
+                "dataset": self.workload.dataset, **self.sampling, "seed": self.seed,
+                "num_warmups": self.num_warmups, "slo_ttft_ms": self.slo.ttft_ms,
+                "slo_tpot_ms": self.slo.tpot_ms, "slo_target": self.sweep.target if self.sweep else None}
+
+
+class BenchError(RuntimeError):
+    """The load test could not run (server unreachable, no request completed, ...)."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> ConfigResult:
+    """Warm up and measure one server (one run, or a rate sweep). Raises BenchError."""
+    from router.bench.runner import run_load, server_vocab_size, warm_up
+    from router.client import AsyncClient
+
+    async with AsyncClient(endpoint, timeout=settings.request_timeout) as client:
+        try:
+            reported = await asyncio.wait_for(server_vocab_size(client), CONNECT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise BenchError(f"no answer from {endpoint} within {CONNECT_TIMEOUT_S:g} s: is a "
+                             f"pdserve server listening there?") from None
+        vocab_size = settings.vocab_size or reported
+        if settings.vocab_size and reported and settings.vocab_size > reported:
+            raise ValueError(f"--vocab-size {settings.vocab_size} exceeds the served model's "
+                             f"vocabulary of {reported}; leave it out or lower it")
+        n, num_warmups = settings.num_prompts, settings.num_warmups
+        requests = build_workload(settings.workload, n + num_warmups, vocab_size, settings.seed)
+        warmups = await warm_up(client, requests[n:], settings.shape, settings.sampling)
+        if warmups and all(not record.ok for record in warmups):
+            _log(f"[{name}] warning: every warm-up request failed: {next(iter(error_counts(warmups)))}")
+
+        async def measure(rate: float, prompts: list[BenchRequest]) -> tuple[dict, dict]:
+            shape = settings.shape.with_rate(rate)
+            bar = ProgressBar(len(prompts), f"[{name} {shape.describe()}] ", enabled=settings.progress)
+            result = await run_load(client, prompts, shape, settings.seed, settings.sampling,
+                                    on_done=lambda record: bar.update(not record.ok))
+            bar.close()
+            summary = summarize(result.records, result.duration_s, settings.slo)
+            summary.update(request_rate=rate, vocab_size=vocab_size, errors=error_counts(result.records))
+            return summary, latency_samples_ms(result.records)
+
+        if settings.sweep is None:
+            summary, samples = await measure(settings.shape.request_rate, requests[:n])
+            return ConfigResult(name, summary, samples)
+
+        runs: dict[float, tuple[dict, dict]] = {}
+
+        async def attainment(rate: float) -> float:
+            # fresh prompts for every run, so no run finds the previous one's prompts in a prefix cache
+            prompts = build_workload(settings.workload, n, vocab_size, settings.seed + 1 + len(runs))
+            runs[rate] = await measure(rate, prompts)
+            summary = runs[rate][0]
+            _log(f"[{name}] {rate:.3g} req/s: SLO attainment {summary['slo_attainment']:.1%}, "
+                 f"goodput {summary['goodput']:.2f} req/s")
+            return summary["slo_attainment"]
+
+        outcome = await find_max_rate(attainment, settings.sweep)
+        headline = outcome.best_rate if outcome.best_rate is not None else min(runs)
+        return ConfigResult(name, *runs[headline], sweep=[runs[rate][0] for rate in sorted(runs)],
+                            max_rate_at_slo=outcome.best_rate)
+
+
+def _bench_all(args: argparse.Namespace, settings: BenchSettings,
+               specs: list[ClusterSpec]) -> list[ConfigResult]:
+    from router.bench.runner import run_event_loop
+
+    if not specs:
+        return [run_event_loop(bench_endpoint(args.endpoint, args.endpoint, settings))]
+    results = []
+    options = {"kv_transport": args.kv_transport}
+    if args.model:
+        options["model"] = args.model
+    for spec in specs:
+        _log(f"[{spec.name}] starting the cluster ...")
+        with spawned_cluster(spec, **options) as endpoint:
+            results.append(run_event_loop(bench_endpoint(endpoint, spec.name, settings)))
+    return results
+
+
+def _check_output_path(option: str, path: str | None) -> None:
+    if path is not None and not Path(path).resolve().parent.is_dir():
+        raise ValueError(f"{option} {path}: the directory {Path(path).resolve().parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the load test described by ``args`` (from ``add_arguments``); returns the exit status."""
+    try:
+        settings = BenchSettings.from_args(args)
+        specs = parse_cluster_specs(args.spawn) if args.spawn else []
+        if specs and args.endpoint:
+            raise ValueError("give either --endpoint (a running server) or --spawn CONFIG... (start "
+                             "local clusters), not both")
+        if not specs and not args.endpoint:
+            args.endpoint = default_endpoint("client")
+        if args.model and not specs:
+            raise ValueError("--model applies to --spawn; a running server already has its model")
+        _check_output_path("--json", args.json)
+        _check_output_path("--plot", args.plot)
+        if args.plot:
+            check_plot_available()
+    except (ValueError, PlotUnavailable) as exc:
+        _log(f"pdserve bench: error: {exc}")
+        return 2
+    started = time.time()
+    try:
+        results = _bench_all(args, settings, specs)
+    except ValueError as exc:  # a bad dataset or vocabulary size, found once the server answered
+        _log(f"pdserve bench: error: {exc}")
+        return 2
+    except (BenchError, OSError, RuntimeError) as exc:
+        _log(f"pdserve bench: error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _log("pdserve bench: interrupted")
+        return 130
+
+    print(format_table(results))
+    for result in results:
+        for message, count in result.summary["errors"].items():
+            _log(f"[{result.name}] {count} request(s) failed: {message}")
+    if args.json:
+        params = {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+                  **({"spawn": [s.name for s in specs], "model": args.model} if specs
+                     else {"endpoint": args.endpoint}), **settings.params()}
+        write_json(args.json, results_json(params, results, compare=bool(specs)))
+    if args.plot:
+        plot_results(args.plot, results, settings.sweep.target if settings.sweep else None)
+    if any(result.summary["completed"] == 0 for result in results):
+        _log("pdserve bench: error: no request completed in "
+             + ", ".join(r.name for r in results if r.summary["completed"] == 0))
+        return 1
+    return 0

@@ -1,0 +1,327 @@
+"""Client library: ``AsyncClient`` (asyncio) and ``Client`` (blocking, a loop in a thread).
+
+One DEALER connection carries any number of concurrent requests; a reader callback sorts the
+router's answers by request id into per-request inboxes. ::
+
+    async with AsyncClient("ipc:///tmp/pdserve.ipc") as client:
+        async for chunk in client.generate("Hello", max_tokens=32, temperature=0):
+            print(chunk.text, end="")
+        result = await client.complete(prompt_token_ids=[1, 2, 3], max_tokens=8)
+        print(result.token_ids, result.metrics.ttft)
+
+Leaving a stream early (``break``, ``aclose()``, garbage collection) cancels the request on
+the server. Errors from the server raise ``ServerError`` subclasses; ``ClientTimeout`` is
+raised when nothing arrives for ``timeout`` seconds; losing the connection to the router fails
+every request in flight with ``Unavailable``.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator
+
+import zmq
+
+from router import protocol as P
+from router.client_types import (ClientTimeout, Completion, InternalError, InvalidRequest,  # noqa: F401
+                                 Overloaded, RequestMetrics, RequestTimeout, ServerError,
+                                 StreamChunk, Unavailable, error_for)
+from router.runtime import new_event_loop
+from router.security import CurveKeys, check_endpoint
+from router.sockets import AUTH_FAILED, LoopSocket
+
+_FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply)
+
+
+class _Inbox:
+    """Messages of one request, in arrival order, with their arrival times."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self):
+        self.items: deque = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self, timeout: float | None):
+        if not self.items:
+            loop = asyncio.get_running_loop()
+            self.waiter = loop.create_future()
+            timer = loop.call_later(timeout, _expire, self.waiter, timeout) if timeout else None
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        return self.items.popleft()
+
+
+def _expire(fut: asyncio.Future, timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(ClientTimeout(f"nothing arrived from the router within {timeout:g}s"))
+
+
+class AsyncStream:
+    """Async iterator of ``StreamChunk``; closing it before the end cancels the request."""
+
+    def __init__(self, client: "AsyncClient", rid: str, inbox: _Inbox):
+        self._client, self.rid, self._inbox = client, rid, inbox
+        self._done = False
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> StreamChunk:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            msg, _ = await self._inbox.get(self._client.timeout)
+        except BaseException:
+            self._close(cancel=True)
+            raise
+        if isinstance(msg, P.Error):
+            self._close(cancel=False)
+            raise error_for(msg.code, msg.message)
+        if msg.finish_reason is not None:
+            self._close(cancel=False)
+        return StreamChunk(msg.token_ids, msg.text, msg.finish_reason, msg.num_prompt_tokens)
+
+    async def aclose(self) -> None:
+        self._close(cancel=True)
+
+    def _close(self, cancel: bool) -> None:
+        if not self._done:
+            self._done = True
+            self._client._end(self.rid, cancel)
+
+    def __del__(self):
+        if not self._done:
+            self._done = True
+            self._client._end_from_anywhere(self.rid)
+
+
+class AsyncClient:
+    """A connection to a pdserve router. ``curve``: a key directory (``pdserve keys``) or
+    CurveKeys, needed when the router uses CurveZMQ."""
+
+    def __init__(self, endpoint: str, *, timeout: float | None = None,
+                 curve: str | Path | CurveKeys | None = None):
+        check_endpoint(endpoint, "endpoint")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self._curve = CurveKeys.for_peer(curve, "client") if isinstance(curve, (str, Path)) else curve
+        self._sock: LoopSocket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ctx: zmq.Context | None = None
+        self._inboxes: dict[str, _Inbox] = {}
+        self._prefix = secrets.token_hex(4)
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> "AsyncClient":
+        self._connect()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _connect(self) -> LoopSocket:
+        if self._sock is None:
+            self._loop = asyncio.get_running_loop()
+            self._ctx = zmq.Context()
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.rcvhwm = 0  # a stream's chunks are never dropped; the router bounds the backlog
+            sock.set(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
+            if self._curve is not None:
+                self._curve.apply_client(sock)
+            sock.connect(self.endpoint)
+            self._sock = LoopSocket(sock, self._on_message, on_disconnect=self._on_disconnect)
+        return self._sock
+
+    # -- requests ---------------------------------------------------------------------------
+    def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
+                 max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None,
+                 stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
+                 timeout_s: float | None = None) -> AsyncStream:
+        """Start a streaming request; iterate the result for ``StreamChunk``s.
+
+        ``timeout_s`` is the server-side deadline (``RequestTimeout``). Raises ServerError
+        subclasses while iterating, ClientTimeout if the router falls silent.
+        """
+        params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
+                  "top_k": top_k, "seed": seed, "stop": stop, "stop_token_ids": stop_token_ids,
+                  "ignore_eos": ignore_eos}
+        rid, inbox = self._open()
+        try:
+            self._send(P.Generate(rid, prompt, prompt_token_ids, params, True, timeout_s))
+        except BaseException:
+            self._inboxes.pop(rid, None)
+            raise
+        return AsyncStream(self, rid, inbox)
+
+    async def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        """Run a request to the end (same arguments as ``generate``), with client-side metrics."""
+        start = time.perf_counter()
+        token_ids: list[int] = []
+        texts: list[str] = []
+        times: list[float] = []
+        finish, num_prompt = P.FINISH_ABORT, 0
+        stream = self.generate(prompt, **kwargs)
+        async for chunk in stream:
+            now = time.perf_counter()
+            token_ids += chunk.token_ids
+            times += [now] * len(chunk.token_ids)
+            texts.append(chunk.text)
+            num_prompt = chunk.num_prompt_tokens
+            if chunk.finish_reason is not None:
+                finish = chunk.finish_reason
+        end = time.perf_counter()
+        ttft = (times[0] - start) if times else end - start
+        itl = [b - a for a, b in zip(times, times[1:])]
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        return Completion(token_ids, "".join(texts), finish, num_prompt,
+                          RequestMetrics(ttft=ttft, tpot=tpot, itl=itl, e2e=end - start))
+
+    async def status(self) -> dict:
+        """The router's status: its totals and every worker (see ``pdserve status``)."""
+        rid, inbox = self._open()
+        try:
+            self._send(P.StatusRequest(rid))
+            msg, _ = await inbox.get(self.timeout)
+        finally:
+            self._inboxes.pop(rid, None)
+        if isinstance(msg, P.Error):
+            raise error_for(msg.code, msg.message)
+        return msg.status
+
+    async def close(self) -> None:
+        """Cancel every open request and close the connection."""
+        if self._sock is None:
+            return
+        for rid in list(self._inboxes):
+            self._send(P.Cancel(rid))
+        self._fail_all(Unavailable(P.ERR_UNAVAILABLE, "the client was closed"))
+        await asyncio.sleep(0)  # let the socket flush the cancels before closing
+        self._sock.close()
+        self._sock = None
+        self._ctx.term()
+
+    # -- internals --------------------------------------------------------------------------
+    def _open(self) -> tuple[str, _Inbox]:
+        self._connect()
+        rid = f"{self._prefix}-{next(self._ids)}"
+        inbox = self._inboxes[rid] = _Inbox()
+        return rid, inbox
+
+    def _send(self, msg: P.Message) -> None:
+        try:
+            payload = P.encode(msg)
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(P.ERR_INVALID, f"cannot encode the request: {exc}") from None
+        self._connect().send([payload])
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        try:
+            msg = P.decode(frames[-1], _FROM_ROUTER)
+        except P.ProtocolError:
+            return
+        inbox = self._inboxes.get(msg.rid)
+        if inbox is not None:
+            inbox.put((msg, time.perf_counter()))
+
+    def _on_disconnect(self, reason: bytes) -> None:
+        if reason == AUTH_FAILED:
+            why = (f"the router at {self.endpoint} refused this client: CurveZMQ authentication failed; "
+                   "pass the key directory made by `pdserve keys` (curve= / --curve-dir) whose client "
+                   "key is in the router's clients/ directory")
+        else:
+            why = f"lost the connection to the router at {self.endpoint}; the request is lost"
+        self._fail_all(Unavailable(P.ERR_UNAVAILABLE, why))
+
+    def _fail_all(self, exc: ServerError) -> None:
+        for rid, inbox in list(self._inboxes.items()):
+            inbox.put((P.Error(rid, exc.code, exc.message), time.perf_counter()))
+
+    def _end(self, rid: str, cancel: bool) -> None:
+        if self._inboxes.pop(rid, None) is not None and cancel and self._sock is not None:
+            self._send(P.Cancel(rid))
+
+    def _end_from_anywhere(self, rid: str) -> None:
+        """Cancel from a finalizer, which may run on any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(self._end, rid, True)
+        except RuntimeError:
+            pass  # the loop is shutting down
+
+
+class Client:
+    """Blocking twin of AsyncClient: same methods; ``generate`` returns a plain iterator."""
+
+    def __init__(self, endpoint: str, *, timeout: float | None = None,
+                 curve: str | Path | CurveKeys | None = None):
+        self._async = AsyncClient(endpoint, timeout=timeout, curve=curve)
+        self._loop = new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _run(self, coro, timeout: float | None = None):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
+        async def start():
+            return self._async.generate(prompt, **kwargs)
+        return _SyncStream(self, self._run(start()))
+
+    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
+        return self._run(self._async.complete(prompt, **kwargs))
+
+    def status(self) -> dict:
+        return self._run(self._async.status())
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._run(self._async.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+
+class _SyncStream:
+    def __init__(self, client: Client, stream: AsyncStream):
+        self._client, self._stream = client, stream
+
+    def __iter__(self) -> "_SyncStream":
+        return self
+
+    def __next__(self) -> StreamChunk:
+        try:
+            return self._client._run(self._stream.__anext__())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Stop early: cancels the request on the server (dropping the iterator does too)."""
+        if self._client._thread.is_alive():
+            self._client._run(self._stream.aclose())

@@ -1,0 +1,263 @@
+"""Starts a whole local cluster: the router and its worker processes, and stops it cleanly.
+
+    with LocalCluster(mode="disagg", num_prefill=1, num_decode=1) as cluster:
+        client = Client(cluster.endpoint)
+
+The router runs in this process (a background thread) or as a ``pdserve router`` subprocess;
+each worker is a ``pdserve worker`` subprocess in its own process group (its TP ranks share
+the group), started with every endpoint under a per-run temporary directory. ``start()``
+returns once every worker has registered. ``stop()``: the router tells the workers to shut
+down, then stragglers get SIGTERM, then SIGKILL after a grace period; the directory is removed.
+Workers die with the launching process even if it is killed (PR_SET_PDEATHSIG).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.config import RouterConfig
+from router.security import check_bind
+
+log = logging.getLogger("pdserve.launcher")
+PARENT_ENV = "PDSERVE_PARENT_PID"
+_ROUTER_FLAGS = {"max_queue": "--max-queue", "heartbeat_timeout_s": "--heartbeat-timeout",
+                 "unavailable_timeout_s": "--unavailable-timeout"}
+
+
+@dataclass
+class WorkerProcess:
+    worker_id: str
+    role: str
+    proc: subprocess.Popen
+    log_path: Path | None
+
+    def log_tail(self, num_lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return "(its output went to stderr)"
+        lines = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(lines[-num_lines:])
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start; the message includes the failing worker's last output."""
+
+
+class LocalCluster:
+    """A router and its workers on this machine. See the module docstring."""
+
+    def __init__(self, model: str | None = None, *, mode: str = "disagg", num_prefill: int = 1,
+                 num_decode: int = 1, num_workers: int = 1, tp: int = 1, kv_transport: str = "auto",
+                 dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None,
+                 block_size: int = 16, num_kv_blocks: int | None = None, kv_memory: int | None = None,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 listen: str | None = None, curve_dir: str | None = None,
+                 router_in_process: bool = True, router_options: dict | None = None,
+                 log_to_stderr: bool = False,
+                 startup_timeout_s: float = 300.0, grace_s: float = 10.0,
+                 worker_args: tuple[str, ...] = (), env: dict | None = None):
+        if mode not in ("disagg", "colocated"):
+            raise ValueError(f"--mode must be disagg or colocated, got {mode!r}")
+        counts = {"--prefill": num_prefill, "--decode": num_decode} if mode == "disagg" \
+            else {"--workers": num_workers}
+        for flag, n in counts.items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {n!r}")
+        if listen is not None:
+            check_bind(listen, curve_dir, "--listen")
+        self.mode = mode
+        self.roles = (["prefill"] * num_prefill + ["decode"] * num_decode if mode == "disagg"
+                      else ["both"] * num_workers)
+        self.engine = {"model": model, "tp": tp, "dtype": dtype, "device": device,
+                       "max_model_len": max_model_len, "block_size": block_size,
+                       "num_kv_blocks": num_kv_blocks, "kv_memory": kv_memory,
+                       "kv_transport": kv_transport, "max_num_seqs": max_num_seqs,
+                       "max_num_batched_tokens": max_num_batched_tokens, "curve_dir": curve_dir}
+        self.listen = listen
+        self.curve_dir = curve_dir
+        self.router_in_process = router_in_process
+        # RouterConfig fields: max_queue, heartbeat_timeout_s, unavailable_timeout_s, ...
+        self.router_options = dict(router_options or {})
+        unknown = set(self.router_options) - set(RouterConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown router options {sorted(unknown)}")
+        self.log_to_stderr = log_to_stderr
+        self.startup_timeout_s = startup_timeout_s
+        self.grace_s = grace_s
+        self.worker_args = tuple(worker_args)
+        self.env = env
+        self.run_dir: Path | None = None
+        self.endpoint = ""
+        self.backend = ""
+        self.workers: list[WorkerProcess] = []
+        self._router_thread = None
+        self._router_proc: subprocess.Popen | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "LocalCluster":
+        """Start the router and every worker; return once all have registered.
+        Raises ValueError (bad options) or ClusterError (a process failed to start)."""
+        self.run_dir = Path(tempfile.mkdtemp(prefix="pdserve-"))
+        try:
+            self.endpoint = self.listen or f"ipc://{self.run_dir}/client.ipc"
+            self.backend = f"ipc://{self.run_dir}/workers.ipc"
+            self._start_router()
+            for i, role in enumerate(self.roles):
+                self.start_worker(role, f"{role}-{sum(r == role for r in self.roles[:i])}")
+            self.wait_for_workers(len(self.roles), self.startup_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_router(self) -> None:
+        model_dir = self.engine["model"]
+        if self.router_in_process:
+            from router.runtime import RouterThread
+            config = RouterConfig(frontend=self.endpoint, backend=self.backend, model_dir=model_dir,
+                                  curve_dir=self.curve_dir, kv_transport=self.engine["kv_transport"],
+                                  **self.router_options)
+            self._router_thread = RouterThread(config).start()
+            return
+        argv = [sys.executable, "-m", "router.cli", "router", "--listen", self.endpoint,
+                "--backend", self.backend, "--kv-transport", self.engine["kv_transport"],
+                "--shutdown-workers"]
+        for name, value in self.router_options.items():
+            flag = _ROUTER_FLAGS.get(name)
+            if flag is None:
+                raise ValueError(f"router option {name} cannot be given to a router subprocess")
+            argv += [flag, str(value)]
+        if model_dir:
+            argv += ["--model", str(model_dir)]
+        if self.curve_dir:
+            argv += ["--curve-dir", self.curve_dir]
+        self._router_proc = self._spawn(argv, "router")
+
+    def start_worker(self, role: str, worker_id: str) -> WorkerProcess:
+        """Spawn one ``pdserve worker`` (also used to restart a killed one)."""
+        argv = [sys.executable, "-m", "router.cli", "worker", "--role", role, "--router", self.backend,
+                "--worker-id", worker_id, "--kv-dir", str(self.run_dir)]
+        for name, value in self.engine.items():
+            if value is not None:
+                argv += [f"--{name.replace('_', '-')}", str(value)]
+        proc = self._spawn(argv + list(self.worker_args), worker_id)
+        log_path = None if self.log_to_stderr else self.run_dir / f"{worker_id}.log"
+        worker = WorkerProcess(worker_id, role, proc, log_path)
+        self.workers = [w for w in self.workers if w.worker_id != worker_id] + [worker]
+        return worker
+
+    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
+        env = {**os.environ, **(self.env or {}), PARENT_ENV: str(os.getpid())}
+        out = None if self.log_to_stderr else open(self.run_dir / f"{name}.log", "ab")
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        finally:
+            if out is not None:
+                out.close()
+
+    def num_registered(self) -> int:
+        """Workers the router currently has registered and alive."""
+        if self._router_thread is not None:
+            return self._router_thread.call(lambda r: len(r.registry.alive()), self._router_thread.router)
+        from router.client import Client
+        with Client(self.endpoint, timeout=5) as client:
+            return client.status()["router"]["num_workers"]
+
+    def wait_for_workers(self, count: int, timeout_s: float) -> None:
+        """Block until ``count`` workers are registered. Raises ClusterError if a process exits."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for worker in self.workers:
+                if worker.proc.poll() is not None:
+                    raise ClusterError(f"worker {worker.worker_id} exited with code {worker.proc.returncode} "
+                                       f"before registering; its last output:\n{worker.log_tail()}")
+            if self._router_proc is not None and self._router_proc.poll() is not None:
+                raise ClusterError(f"the router exited with code {self._router_proc.returncode}; "
+                                   f"see {self.run_dir}/router.log")
+            try:
+                if self.num_registered() >= count:
+                    return
+            except Exception as exc:  # the router subprocess may not be listening yet
+                log.debug("status not available yet: %s", exc)
+            if time.monotonic() > deadline:
+                raise ClusterError(f"only {self.num_registered()} of {count} workers registered within "
+                                   f"{timeout_s:g}s; worker logs are in {self.run_dir}")
+            time.sleep(0.1)
+
+    def kill_router(self, sig: int = signal.SIGKILL) -> None:
+        """Kill a subprocess router (fault injection); ``start_router()`` brings one back."""
+        if self._router_proc is None:
+            raise ValueError("only a router started with router_in_process=False can be killed")
+        _signal_group(self._router_proc, sig)
+        self._router_proc.wait()
+
+    def start_router(self) -> None:
+        """Start the router again on the same endpoints (after ``kill_router``)."""
+        if self._router_proc is not None and self._router_proc.poll() is None:
+            raise ValueError("the router is still running")
+        self._start_router()
+
+    def kill_worker(self, worker_id: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to a worker's whole process group (fault-injection in tests)."""
+        for worker in self.workers:
+            if worker.worker_id == worker_id:
+                _signal_group(worker.proc, sig)
+                worker.proc.wait()
+                return
+        raise ValueError(f"no worker {worker_id!r}; have {[w.worker_id for w in self.workers]}")
+
+    def stop(self) -> None:
+        """Stop everything (idempotent): Shutdown, then SIGTERM, then SIGKILL; remove the run dir."""
+        if self._router_thread is not None:
+            try:
+                self._router_thread.stop(stop_workers=True)
+            except Exception:
+                log.exception("stopping the router")
+            self._router_thread = None
+        elif self._router_proc is not None:
+            _signal_group(self._router_proc, signal.SIGTERM)
+        procs = [w.proc for w in self.workers] + ([self._router_proc] if self._router_proc else [])
+        _wait_all(procs, self.grace_s)
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        _wait_all(procs, self.grace_s / 2)
+        for proc in procs:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        self._router_proc = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the process group a child leads (it was started in its own session)."""
+    if proc.poll() is not None and sig != signal.SIGKILL:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass

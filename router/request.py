@@ -1,0 +1,70 @@
+"""One client request inside the router, and the states of its life.
+
+    QUEUED ──Allocate──▶ ALLOCATING ──Allocated(dest)──▶ PREFILLING ──FirstToken──▶ DECODING ──▶ done
+       ▲                     │ Allocated(error): back to the queue front, not a failure
+       └── failover: a worker died or failed the request; Free what is left, queue again with
+           token_ids = prompt + output so far and output_index = len(output)
+
+A request is keyed on the workers by ``rid`` (router-made, unique) and towards its client by
+(client routing id, ``client_rid``). ``transfer_id`` changes on every attempt, so late messages
+of an earlier attempt are recognised and dropped.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from router.output import OutputProcessor
+from router.validation import RequestSpec
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from router.workers import WorkerRecord
+
+
+class State(enum.Enum):
+    QUEUED = "queued"
+    ALLOCATING = "allocating"
+    PREFILLING = "prefilling"
+    DECODING = "decoding"
+    DONE = "done"
+
+
+@dataclass(eq=False)
+class Request:
+    rid: str
+    client: bytes
+    client_rid: str
+    spec: RequestSpec
+    output: OutputProcessor
+    stop_ids: frozenset[int]          # stop_token_ids, plus EOS unless ignore_eos
+    arrival: float
+    queued_at: float
+    prompt_hashes: list[int] = field(default_factory=list)
+    state: State = State.QUEUED
+    output_ids: list[int] = field(default_factory=list)
+    attempt: int = 0
+    transfer_id: str = ""
+    decode: "WorkerRecord | None" = None
+    prefill: "WorkerRecord | None" = None
+    transport: str = ""
+    decode_holds: bool = False        # the decode worker has state for this rid (needs Free)
+    prefill_holds: bool = False       # the prefill worker has state for this rid (needs Free)
+    num_blocks: int = 0               # blocks counted against ``decode``
+    prefill_tokens: int = 0           # tokens counted against ``prefill``
+    started: bool = False             # the decode worker runs this attempt (its Tokens count)
+    got_first: bool = False           # this attempt's first token arrived
+    early: list = field(default_factory=list)  # decode tokens that overtook the first token
+    text: list[str] = field(default_factory=list)  # non-streaming: text so far
+    deadline: "asyncio.TimerHandle | None" = None
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What a new attempt prefills: the prompt and every token produced so far."""
+        return self.spec.prompt_ids + self.output_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.spec.prompt_ids)

@@ -1,0 +1,390 @@
+"""The router's request state machine: admission, dispatch, token streaming, finish, failover.
+
+Single-threaded (the router's event loop). Messages leave through an ``Outbox`` (the router's
+sockets). Invariants:
+- a request is in ``waiting`` iff its state is QUEUED; ``requests`` holds every live request;
+- a worker's ``reserved_blocks`` / ``outstanding_tokens`` are the sums of ``num_blocks`` /
+  ``prefill_tokens`` of the live requests counted against it (released exactly once);
+- every worker that may hold state for a request (``decode_holds`` / ``prefill_holds``) gets a
+  ``Free`` when the request ends or moves on, unless the worker itself reported the end;
+- tokens reach the client in output order exactly once: decode tokens count only after the
+  current attempt's ``Started`` and are held until its first token arrives.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Protocol
+
+from kvtransfer.allocator import block_hashes
+from router import protocol as P
+from router.config import RouterConfig
+from router.model_info import ModelInfo
+from router.output import OutputProcessor
+from router.policy import blocks_needed, pick_decode, pick_prefill
+from router.request import Request, State
+from router.validation import InvalidRequest, validate_generate, validate_rid
+from router.workers import WorkerRecord, WorkerRegistry
+
+log = logging.getLogger("pdserve.router")
+FINISH_REASONS = (P.FINISH_STOP, P.FINISH_LENGTH, P.FINISH_ABORT)
+
+
+class Outbox(Protocol):
+    def to_worker(self, worker: WorkerRecord, msg: P.Message) -> None: ...
+
+    def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
+        """Send a Chunk; False if the client cannot take it (gone, or too far behind)."""
+
+    def error(self, client: bytes, client_rid: str, code: str, message: str) -> None: ...
+
+
+class RequestScheduler:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, outbox: Outbox,
+                 model: ModelInfo | None = None):
+        self.config = config
+        self.registry = registry
+        self.outbox = outbox
+        self.model = model
+        self.waiting: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self.by_client: dict[bytes, dict[str, Request]] = {}
+        self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
+        self.unserveable_since: float | None = time.monotonic()
+        self._rid_prefix = secrets.token_hex(3)
+        self._next_id = 0
+
+    # -- clients ---------------------------------------------------------------------------
+    def submit(self, client: bytes, msg: P.Generate) -> None:
+        """Validate and queue a Generate; every refusal is answered with an Error."""
+        try:
+            validate_rid(msg.rid)
+        except InvalidRequest as exc:
+            self.counters["rejected"] += 1
+            self.outbox.error(client, msg.rid if isinstance(msg.rid, str) else "", P.ERR_INVALID, str(exc))
+            return
+        mine = self.by_client.get(client)
+        if mine is not None and msg.rid in mine:
+            return self._reject(client, msg.rid, P.ERR_INVALID,
+                                f"request id {msg.rid!r} is already in use on this connection")
+        if self.model is None:
+            return self._reject(client, msg.rid, P.ERR_UNAVAILABLE,
+                                "no worker has registered yet, so the model is unknown; retry shortly")
+        if len(self.waiting) >= self.config.max_queue:
+            return self._reject(client, msg.rid, P.ERR_OVERLOADED,
+                                f"{len(self.waiting)} requests are already waiting (the limit); retry later")
+        max_len = min(self.model.max_model_len, self.registry.max_model_len() or self.model.max_model_len)
+        try:
+            spec = validate_generate(msg, self.model, max_len)
+            self._check_fits(spec, max_len)
+        except InvalidRequest as exc:
+            return self._reject(client, msg.rid, P.ERR_INVALID, str(exc))
+        now = time.monotonic()
+        self._next_id += 1
+        stop_ids = set(spec.sampling["stop_token_ids"])
+        if not spec.sampling["ignore_eos"]:
+            stop_ids.update(self.model.eos_token_ids)
+        req = Request(rid=f"{self._rid_prefix}-{self._next_id}", client=client, client_rid=msg.rid,
+                      spec=spec, output=OutputProcessor(self.model.tokenizer, spec.prompt_ids, spec.stop),
+                      stop_ids=frozenset(stop_ids), arrival=now, queued_at=now)
+        if spec.timeout_s is not None:
+            req.deadline = asyncio.get_running_loop().call_later(spec.timeout_s, self._expire, req)
+        self.requests[req.rid] = req
+        self.by_client.setdefault(client, {})[msg.rid] = req
+        self.waiting.append(req)
+        self.schedule()
+
+    def cancel(self, client: bytes, client_rid: str) -> None:
+        req = self.by_client.get(client, {}).get(client_rid)
+        if req is not None:
+            self._finish(req, P.FINISH_ABORT, [], "")
+
+    def client_gone(self, client: bytes) -> None:
+        """The client's connection dropped: abort its requests without answering."""
+        for req in list(self.by_client.get(client, {}).values()):
+            self._finish(req, P.FINISH_ABORT, [], "", notify=False)
+
+    def _reject(self, client: bytes, client_rid: str, code: str, message: str) -> None:
+        self.counters["rejected"] += 1
+        self.outbox.error(client, client_rid, code, message)
+
+    def _check_fits(self, spec, max_len: int) -> None:
+        largest = self.registry.max_decode_blocks()
+        if largest and self.registry.kv_spec is not None:
+            need = blocks_needed(len(spec.prompt_ids), spec.max_tokens, 0, max_len,
+                                 self.registry.kv_spec.block_size)
+            if need > largest:
+                raise InvalidRequest(f"the prompt and max_tokens need {need} KV blocks but the largest "
+                                     f"decode worker holds {largest}; lower max_tokens or shorten the prompt")
+
+    # -- dispatch --------------------------------------------------------------------------
+    def schedule(self) -> None:
+        """Start queued requests, in order, while a decode worker can hold the next one."""
+        while self.waiting:
+            req = self.waiting[0]
+            if not self._dispatch(req):
+                return
+            self.waiting.popleft()
+
+    def _dispatch(self, req: Request) -> bool:
+        spec = self.registry.kv_spec
+        max_len = self.registry.max_model_len()
+        if spec is None or max_len is None:
+            return False
+        context = req.context_ids
+        num_blocks = blocks_needed(len(context), req.spec.max_tokens, len(req.output_ids), max_len,
+                                   spec.block_size)
+        decode = pick_decode(self.registry.alive(), num_blocks)
+        if decode is None:
+            return False
+        if decode.role == "both":
+            prefill, transport, hashes = decode, "local", []
+        else:
+            hashes = block_hashes(context, spec.block_size)
+            candidates = [w for w in self.registry.alive()
+                          if self.registry.transport_for(w, decode) is not None]
+            prefill = pick_prefill(candidates, len(context), hashes, spec.block_size)
+            if prefill is None:
+                return False
+            transport = self.registry.transport_for(prefill, decode) or ""
+        req.attempt += 1
+        req.transfer_id = f"{req.rid}.{req.attempt}"
+        req.state = State.ALLOCATING
+        req.decode, req.prefill, req.transport = decode, prefill, transport
+        req.prompt_hashes = hashes
+        req.num_blocks, req.prefill_tokens = num_blocks, len(context)
+        decode.reserved_blocks += num_blocks
+        decode.num_decoding += 1
+        prefill.outstanding_tokens += len(context)
+        prefill.num_prefilling += 1
+        req.decode_holds = True
+        self.outbox.to_worker(decode, P.Allocate(req.rid, req.transfer_id, context, req.spec.sampling,
+                                                 len(req.output_ids), transport))
+        return True
+
+    # -- worker events ---------------------------------------------------------------------
+    def _current(self, rid, transfer_id, worker: WorkerRecord, role: str) -> Request | None:
+        req = self.requests.get(rid)
+        if req is None or req.transfer_id != transfer_id or getattr(req, role) is not worker:
+            return None
+        return req
+
+    def on_allocated(self, worker: WorkerRecord, msg: P.Allocated) -> None:
+        req = self._current(msg.rid, msg.transfer_id, worker, "decode")
+        if req is None or req.state is not State.ALLOCATING:
+            return
+        if msg.error is not None or msg.dest is None:
+            # The worker cannot hold it now: wait for room, never fail for lack of memory.
+            log.debug("decode %s refused %s: %s", worker.worker_id, req.rid, msg.error)
+            req.decode_holds = False
+            self._requeue(req)
+            worker.is_full = True  # after _requeue, which clears it; no schedule() until room
+            return
+        req.state = State.PREFILLING
+        req.prefill_holds = True
+        if req.prefill is not worker:
+            req.prefill.prefix.add(req.prompt_hashes)
+        context = req.context_ids
+        self.outbox.to_worker(req.prefill, P.Prefill(req.rid, req.transfer_id, context, req.spec.sampling,
+                                                     msg.dest, len(req.output_ids)))
+
+    def on_started(self, worker: WorkerRecord, msg: P.Started) -> None:
+        req = self._current(msg.rid, msg.transfer_id, worker, "decode")
+        if req is not None:
+            req.started = True
+
+    def on_first_token(self, worker: WorkerRecord, msg: P.FirstToken) -> None:
+        req = self._current(msg.rid, msg.transfer_id, worker, "prefill")
+        if req is None or req.state is not State.PREFILLING:
+            return
+        self._release_prefill(req)
+        req.prefill_holds = False
+        req.got_first = True
+        req.state = State.DECODING
+        if req.prefill is req.decode:
+            req.started = True  # colocated: this worker's later Tokens are this attempt's
+        reason = msg.finish_reason if msg.finish_reason in FINISH_REASONS else None
+        if reason is not None and req.prefill is req.decode:
+            req.decode_holds = False  # the colocated worker ended it itself
+        if not self._emit(req, msg.token_id, reason):
+            return
+        early, req.early = req.early, []
+        for token_id, reason in early:
+            if not self._emit(req, token_id, reason):
+                return
+
+    def on_tokens(self, worker: WorkerRecord, msg: P.Tokens) -> None:
+        requests = self.requests
+        for item in msg.items:
+            if not isinstance(item, list) or len(item) != 4:
+                continue
+            rid, token_id, _, reason = item
+            req = requests.get(rid)
+            if req is None or req.decode is not worker or not req.started:
+                continue  # finished, moved elsewhere, or a late token of an earlier attempt
+            if not isinstance(token_id, int):
+                continue
+            if reason is not None:
+                reason = reason if reason in FINISH_REASONS else P.FINISH_STOP
+                req.decode_holds = False
+            if req.got_first:
+                self._emit(req, token_id, reason)
+            else:
+                req.early.append((token_id, reason))
+
+    def on_worker_error(self, worker: WorkerRecord, msg: P.WorkerError) -> None:
+        req = self.requests.get(msg.rid)
+        if req is None or worker not in (req.decode, req.prefill):
+            return
+        if msg.transfer_id and msg.transfer_id != req.transfer_id:
+            return
+        log.warning("worker %s failed request %s: %s", worker.worker_id, req.rid, msg.message)
+        self._retry(req, f"worker {worker.worker_id} failed it: {msg.message}")
+
+    def on_worker_dead(self, worker: WorkerRecord) -> None:
+        """Every request that needed the dead worker starts over elsewhere (failover)."""
+        for req in list(self.requests.values()):
+            if req.decode is worker or (req.prefill is worker and req.prefill_holds):
+                if req.decode is worker:
+                    req.decode_holds = False
+                if req.prefill is worker:
+                    req.prefill_holds = False
+                self.counters["failovers"] += 1
+                self._retry(req, f"worker {worker.worker_id} died")
+        self._update_serveable()
+
+    def on_capacity(self, worker: WorkerRecord | None = None) -> None:
+        """A worker registered, or reported load: it may take queued requests again."""
+        if worker is not None:
+            worker.is_full = False
+        self._update_serveable()
+        self.schedule()
+
+    # -- emitting and finishing ---------------------------------------------------------------
+    def _emit(self, req: Request, token_id: int, reason: str | None) -> bool:
+        """Stream one output token. Returns False once the request is finished."""
+        req.output_ids.append(token_id)
+        text, stopped = req.output.push(token_id)
+        if stopped:
+            reason = P.FINISH_STOP
+        elif reason is None:
+            if token_id in req.stop_ids:
+                reason = P.FINISH_STOP
+            elif len(req.output_ids) >= req.spec.max_tokens:
+                reason = P.FINISH_LENGTH
+        if reason is None:
+            if req.spec.stream:
+                if not self.outbox.chunk(req, [token_id], text, None):
+                    self._finish(req, P.FINISH_ABORT, [], "", notify=False)
+                    return False
+            elif text:
+                req.text.append(text)
+            return True
+        if not stopped:
+            tail, stopped = req.output.finish()
+            text += tail
+            reason = P.FINISH_STOP if stopped else reason
+        self._finish(req, reason, [token_id], text)
+        return False
+
+    def _finish(self, req: Request, reason: str, token_ids: list[int], text: str, *,
+                notify: bool = True, error: tuple[str, str] | None = None) -> None:
+        """End a request: Free on its workers, release accounting, answer the client."""
+        self._free_on_workers(req)
+        self._release(req)
+        if req.state is State.QUEUED:
+            self.waiting.remove(req)
+        req.state = State.DONE
+        if req.deadline is not None:
+            req.deadline.cancel()
+        del self.requests[req.rid]
+        mine = self.by_client.get(req.client)
+        if mine is not None:
+            mine.pop(req.client_rid, None)
+            if not mine:
+                del self.by_client[req.client]
+        counter = "failed" if error else ("aborted" if reason == P.FINISH_ABORT else "finished")
+        self.counters[counter] += 1
+        if notify:
+            if error is not None:
+                self.outbox.error(req.client, req.client_rid, *error)
+            elif req.spec.stream:
+                self.outbox.chunk(req, token_ids, text, reason)
+            else:
+                self.outbox.chunk(req, list(req.output_ids), "".join(req.text) + text, reason)
+        self.schedule()
+
+    def fail(self, req: Request, code: str, message: str) -> None:
+        self._finish(req, P.FINISH_ABORT, [], "", error=(code, message))
+
+    def _expire(self, req: Request) -> None:
+        req.deadline = None
+        if req.state is not State.DONE:
+            self.fail(req, P.ERR_TIMEOUT, f"the request did not finish within its timeout_s of "
+                                          f"{req.spec.timeout_s:g}s")
+
+    def _retry(self, req: Request, why: str) -> None:
+        if req.attempt >= self.config.max_attempts:
+            self.fail(req, P.ERR_INTERNAL, f"gave up after {req.attempt} attempts; last: {why}")
+            return
+        self._free_on_workers(req)
+        self._requeue(req)
+        self.schedule()
+
+    def _requeue(self, req: Request) -> None:
+        """Back to the front of the queue, keeping the output produced so far."""
+        self._release(req)
+        req.state = State.QUEUED
+        req.decode = req.prefill = None
+        req.started = req.got_first = False
+        req.early.clear()
+        req.queued_at = time.monotonic()
+        self.waiting.appendleft(req)
+
+    def _free_on_workers(self, req: Request) -> None:
+        if req.decode_holds and req.decode is not None and req.decode.alive:
+            self.outbox.to_worker(req.decode, P.Free(req.rid))
+        if (req.prefill_holds and req.prefill is not None and req.prefill.alive
+                and not (req.decode_holds and req.prefill is req.decode)):
+            self.outbox.to_worker(req.prefill, P.Free(req.rid))
+        req.decode_holds = req.prefill_holds = False
+
+    def _release_prefill(self, req: Request) -> None:
+        if req.prefill_tokens and req.prefill is not None:
+            req.prefill.outstanding_tokens -= req.prefill_tokens
+            req.prefill.num_prefilling -= 1
+            req.prefill_tokens = 0
+
+    def _release(self, req: Request) -> None:
+        self._release_prefill(req)
+        if req.num_blocks and req.decode is not None:
+            req.decode.reserved_blocks -= req.num_blocks
+            req.decode.num_decoding -= 1
+            req.decode.is_full = False
+            req.num_blocks = 0
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def _update_serveable(self) -> None:
+        alive = self.registry.alive()
+        serveable = any(w.role == "both" for w in alive) or (
+            any(w.role == "decode" for w in alive) and any(w.role == "prefill" for w in alive))
+        if serveable:
+            self.unserveable_since = None
+        elif self.unserveable_since is None:
+            self.unserveable_since = time.monotonic()
+
+    def tick(self, now: float) -> None:
+        """Fail queued requests that waited too long for a missing worker role."""
+        if self.unserveable_since is None:
+            return
+        bound = self.config.unavailable_timeout_s
+        for req in [r for r in self.waiting if now - max(r.queued_at, self.unserveable_since) > bound]:
+            self.fail(req, P.ERR_UNAVAILABLE, f"no worker could serve the request for {bound:g}s "
+                                              "(a prefill or decode worker is missing); start workers and retry")
+
+    def stats(self) -> dict:
+        return {"queued": len(self.waiting), "active": len(self.requests) - len(self.waiting),
+                **self.counters}

@@ -1,0 +1,193 @@
+"""ZeroMQ sockets driven by an asyncio loop's reader callback, without a future per message.
+
+``zmq.asyncio`` creates a future (and a loop round trip) for every send and receive; at tens of
+thousands of stream chunks per second that dominates the router. Here a plain socket's FD is
+registered with ``loop.add_reader``; the callback drains every ready message and hands it to a
+plain function, and sends are non-blocking calls.
+
+Invariant (libzmq's FD is edge-triggered): after any send the socket's ``EVENTS`` must be read
+again or incoming messages may sit unnoticed, so every send schedules one drain per loop turn.
+
+Peer disconnects: a ROUTER socket's monitor reports the file descriptor of a dropped
+connection, and every received message carries the descriptor it came in on (``zmq.SRCFD``),
+so the socket maps descriptors to routing ids and calls ``on_disconnect(routing_id)``. Any
+other socket calls ``on_disconnect(reason)`` when its connection drops: ``AUTH_FAILED`` if the
+connection closed before its handshake completed (the peer refused our CurveZMQ keys, or
+lack of them), else ``b""``.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import Callable
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+log = logging.getLogger(__name__)
+
+# Messages handled per reader callback before yielding to other loop work.
+_DRAIN_BUDGET = 512
+AUTH_FAILED = b"auth"
+
+
+class LoopSocket:
+    """One zmq socket served by an asyncio loop. Not thread-safe: use it from its loop only.
+
+    ``on_message(frames)`` gets each multipart message as a list of bytes. For a ROUTER socket
+    the first frame is the peer's routing id. Exceptions raised by ``on_message`` are logged and
+    the message dropped: a bad message never stops the socket.
+    """
+
+    def __init__(self, sock: zmq.Socket, on_message: Callable[[list[bytes]], None], *,
+                 on_disconnect: Callable[[bytes], None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        self.sock = sock
+        self.on_message = on_message
+        self.on_disconnect = on_disconnect
+        self.loop = loop or asyncio.get_running_loop()
+        self._is_router = sock.type == zmq.ROUTER
+        self._pending: deque[list[bytes]] = deque()  # DEALER sends waiting for room
+        self._drain_scheduled = False
+        self._closed = False
+        self._monitor: zmq.Socket | None = None
+        self._fd_peer: dict[int, bytes] = {}
+        self._fd_stale: dict[int, int] = {}
+        self._handshaken = False  # the current connection completed its handshake
+        if on_disconnect is not None:
+            events = zmq.EVENT_DISCONNECTED | (0 if self._is_router else zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            self._monitor = sock.get_monitor_socket(events)
+            self.loop.add_reader(self._monitor.FD, self._drain)
+        self.loop.add_reader(sock.FD, self._drain)
+        self._schedule_drain()
+
+    # -- sending -----------------------------------------------------------------------------
+    def send(self, frames: list[bytes]) -> bool:
+        """Send without waiting. Returns False if the message was not sent.
+
+        ROUTER socket (``ROUTER_MANDATORY`` set): False when the peer is gone or its queue is
+        full. Other sockets: a message that finds the queue full waits in order (True).
+        """
+        if self._closed:
+            return False
+        self._schedule_drain()
+        if self._is_router:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.ZMQError as exc:
+                if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                    return False
+                raise
+        if not self._pending:
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                pass
+        self._pending.append(frames)
+        return True
+
+    @property
+    def num_pending(self) -> int:
+        """Messages waiting for room in the socket's queue (non-ROUTER sockets)."""
+        return len(self._pending)
+
+    def clear_pending(self) -> None:
+        self._pending.clear()
+
+    def poke(self) -> None:
+        """Check the socket again soon (flushes waiting messages once it can take them)."""
+        self._schedule_drain()
+
+    # -- receiving ---------------------------------------------------------------------------
+    def _schedule_drain(self) -> None:
+        if not self._drain_scheduled and not self._closed:
+            self._drain_scheduled = True
+            self.loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        self._drain_scheduled = False
+        if self._closed:
+            return
+        if self._monitor is not None:
+            self._drain_monitor(self._monitor)
+        sock = self.sock
+        track = self._monitor is not None and self._is_router
+        for _ in range(_DRAIN_BUDGET):
+            events = sock.get(zmq.EVENTS)
+            if self._pending and events & zmq.POLLOUT:
+                self._flush_pending()
+            if not events & zmq.POLLIN:
+                return
+            if track:
+                raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                self._note_peer(raw[0].bytes, raw[-1].get(zmq.SRCFD))
+                frames = [frame.bytes for frame in raw]
+            else:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            try:
+                self.on_message(frames)
+            except Exception:  # a handler bug must not take the socket down
+                log.exception("error while handling a message; message dropped")
+            if self._closed:
+                return
+        self._schedule_drain()  # budget spent: let other work run, then continue
+
+    def _flush_pending(self) -> None:
+        while self._pending:
+            try:
+                self.sock.send_multipart(self._pending[0], zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._pending.popleft()
+
+    # -- peer tracking (ROUTER with on_disconnect) -----------------------------------------
+    def _note_peer(self, peer: bytes, fd: int) -> None:
+        known = self._fd_peer.get(fd)
+        if known == peer:
+            return
+        if known is not None:
+            # The descriptor was reused, so the old connection is closed; its DISCONNECTED
+            # event may still be on its way and must not be charged to the new peer.
+            self._fd_stale[fd] = self._fd_stale.get(fd, 0) + 1
+            self._peer_gone(known)
+        self._fd_peer[fd] = peer
+
+    def _drain_monitor(self, monitor: zmq.Socket) -> None:
+        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshaken = True
+            if event["event"] != zmq.EVENT_DISCONNECTED:
+                continue
+            if not self._is_router:
+                reason, self._handshaken = (b"" if self._handshaken else AUTH_FAILED), False
+                self._peer_gone(reason)
+                continue
+            fd = event["value"]
+            if self._fd_stale.get(fd):
+                self._fd_stale[fd] -= 1
+                continue
+            peer = self._fd_peer.pop(fd, None)
+            if peer is not None:
+                self._peer_gone(peer)
+
+    def _peer_gone(self, peer: bytes) -> None:
+        try:
+            self.on_disconnect(peer)  # type: ignore[misc]
+        except Exception:
+            log.exception("error while handling a peer disconnect")
+
+    def close(self) -> None:
+        """Stop reading and close the socket (pending messages are dropped)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.loop.remove_reader(self.sock.FD)
+        if self._monitor is not None:
+            self.loop.remove_reader(self._monitor.FD)
+            self.sock.disable_monitor()
+            self._monitor.close(linger=0)
+        self.sock.close(linger=0)

@@ -1,0 +1,124 @@
+"""Command-line options of a worker (``pdserve worker``), shared by the launcher and the CLI.
+
+A worker entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)``) receives the
+``argparse.Namespace`` these options produce:
+
+    role            prefill | decode | both
+    router          the router's worker endpoint (its --backend)
+    model           checkpoint directory (None: the built-in demo model)
+    tp              tensor-parallel degree (the worker spawns its own TP ranks)
+    dtype           auto | float32 | bfloat16 | float16 (weights and KV)
+    device          cpu | cuda
+    max_model_len   cap on prompt + output tokens (None: the model's limit)
+    block_size      tokens per KV block
+    num_kv_blocks   KV pool size in blocks, or
+    kv_memory       KV pool size in bytes per rank (parsed from e.g. "2GiB")
+    kv_transport    auto | zmq | shm | nixl
+    worker_id       unique id (None: made from role, host and pid)
+    curve_dir       CurveZMQ key directory (``pdserve keys``)
+    max_num_seqs, max_num_batched_tokens, heartbeat_s, kv_dir: engine and link tuning
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+ROLES = ("prefill", "decode", "both")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_TRANSPORTS = ("auto", "zmq", "shm", "nixl")
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4,
+          "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """``"2GiB"``, ``"512MB"``, ``"1e9"`` or ``"4096"`` -> bytes. Raises ValueError."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write e.g. 2GiB, 512MiB or a number of bytes")
+    value = int(float(match.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"{text!r} must be a positive size")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that shape a worker's engine (shared by ``serve`` and ``worker``)."""
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree per worker")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV dtype")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="max prompt + output tokens (default: the model's)")
+    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
+    pool = parser.add_mutually_exclusive_group()
+    pool.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV pool size in blocks")
+    pool.add_argument("--kv-memory", type=_size, default=None,
+                      help="KV pool size per rank, e.g. 2GiB (default: the engine's choice)")
+    parser.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
+                        help="how KV moves from prefill to decode")
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=None,
+                        help="max sequences a decode step runs")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+                        help="token budget of one prefill step")
+    parser.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of ``pdserve worker``."""
+    parser.add_argument("--role", choices=ROLES, required=True, help="what this worker does")
+    parser.add_argument("--router", required=True,
+                        help="the router's worker endpoint (its --backend), e.g. ipc:///tmp/x/workers.ipc")
+    add_engine_arguments(parser)
+    parser.add_argument("--worker-id", default=None, help="unique worker id (default: role-host-pid)")
+    parser.add_argument("--heartbeat-s", type=_positive_float, default=None,
+                        help="seconds between heartbeats to the router")
+    parser.add_argument("--kv-dir", default=None, help="directory for ipc:// KV endpoints")
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    """The engine options of ``args`` as command-line arguments for a worker process."""
+    argv: list[str] = []
+    for name in ("model", "tp", "dtype", "device", "max_model_len", "block_size", "num_kv_blocks",
+                 "kv_memory", "kv_transport", "max_num_seqs", "max_num_batched_tokens", "curve_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    return argv
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """Start the worker process for ``args.role`` (imports the engine, and torch, only here)."""
+    if args.role == "prefill":
+        from prefill.worker import main
+    else:
+        from decode.worker import main
+    return main(args)

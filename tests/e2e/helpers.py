@@ -1,0 +1,114 @@
+"""Shared pieces of the end-to-end tests: a tiny checkpoint, transformers' greedy reference,
+and ``pdserve serve`` run as a real subprocess."""
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from router.client import Client
+
+EOS = 257  # tests.tiny_models with_tokenizer
+
+
+def greedy_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int | list[int],
+                     stop_ids=(EOS,)) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt, ending after a stop id or max_tokens
+    (one number for all prompts, or one per prompt)."""
+    import torch
+
+    from tests.tiny_models import load_hf_model, single_thread
+
+    model = load_hf_model(model_dir)
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    outputs = []
+    with torch.no_grad(), single_thread():
+        for prompt, length in zip(prompts, lengths):
+            ids, out = list(prompt), []
+            for _ in range(length):
+                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+                out.append(token)
+                ids.append(token)
+                if token in stop_ids:
+                    break
+            outputs.append(out)
+    return outputs
+
+
+def read_lines(pipe, lines: queue.Queue) -> None:
+    for line in iter(pipe.readline, ""):
+        lines.put(line)
+    lines.put(None)
+
+
+@contextmanager
+def serve(tmp_path: Path, *args: str, timeout_s: float = 240.0):
+    """Run ``pdserve serve ARGS`` until its ready line; yield (endpoint, process); SIGTERM at the
+    end and check it exits cleanly."""
+    endpoint = f"ipc://{tmp_path}/client.ipc"
+    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--listen", endpoint, *args],
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True,
+                            start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no ready line within {timeout_s}s:\n{log_tail(tmp_path)}") from None
+            if line is None:
+                raise AssertionError(f"pdserve serve exited ({proc.wait()}):\n{log_tail(tmp_path)}")
+            if "ready" in line:
+                assert endpoint in line
+                break
+        yield endpoint, proc
+        pids = worker_pids(endpoint)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_tail(tmp_path)
+        assert lines.get(timeout=5) is None  # exactly one line on stdout
+        for pid in pids:
+            assert not pid_alive(pid), f"worker pid {pid} outlived pdserve serve"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def log_tail(tmp_path: Path, num_lines: int = 40) -> str:
+    path = tmp_path / "serve.log"
+    return "\n".join(path.read_text().splitlines()[-num_lines:]) if path.exists() else ""
+
+
+def worker_pids(endpoint: str) -> list[int]:
+    with Client(endpoint, timeout=30) as client:
+        return [w["pid"] for w in client.status()["workers"] if w["pid"]]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def wait_all_blocks_free(client, timeout_s: float = 30.0) -> list[dict]:
+    """Poll status until every live worker reports all KV blocks free and nothing running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = [w for w in client.status()["workers"] if w["alive"]]
+        if workers and all(w["stats"] and w["free_blocks"] == w["num_blocks"] and not w["running"]
+                           for w in workers):
+            return workers
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks not all free after {timeout_s}s: {workers}")
+        time.sleep(0.1)

@@ -1,0 +1,57 @@
+"""Greedy outputs through ``pdserve serve`` equal transformers' for every layout and transport."""
+import asyncio
+import random
+
+import pytest
+
+from router.client import AsyncClient
+from tests.e2e.helpers import greedy_reference, serve
+from tests.router.helpers import demo_tokenizer
+
+pytestmark = pytest.mark.slow
+
+TEXTS = ["Hello, world!", "The quick brown fox jumps over the lazy dog. " * 3, "a", "pdserve ✓"]
+MAX_TOKENS = 12
+
+
+def prompts():
+    rng = random.Random(7)
+    tok = demo_tokenizer()
+    ids = [tok.encode(t) for t in TEXTS]
+    ids += [[rng.randrange(0, 256) for _ in range(n)] for n in (5, 17, 40, 70)]
+    return ids
+
+
+async def run_all(endpoint, requests, **params):
+    async with AsyncClient(endpoint, timeout=120) as client:
+        return await asyncio.gather(*(client.complete(**req, **params) for req in requests))
+
+
+CONFIGS = {
+    "colocated-1": ["--mode", "colocated"],
+    "disagg-1p1d-zmq": ["--kv-transport", "zmq"],
+    "disagg-1p1d-shm": ["--kv-transport", "shm"],
+    "disagg-1p1d-nixl": ["--kv-transport", "nixl"],
+    "disagg-2p2d": ["--prefill", "2", "--decode", "2"],
+    "colocated-tp2": ["--mode", "colocated", "--tp", "2"],
+    "disagg-tp2": ["--tp", "2"],
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_greedy_outputs_equal_transformers(name, tiny_model, tmp_path):
+    if name.endswith("nixl"):
+        pytest.importorskip("nixl")
+    ids = prompts()
+    expected = greedy_reference(tiny_model, ids, MAX_TOKENS)
+    requests = [{"prompt": t} for t in TEXTS] + [{"prompt_token_ids": p} for p in ids[len(TEXTS):]]
+    with serve(tmp_path, "--model", str(tiny_model), "--num-kv-blocks", "256", *CONFIGS[name]) as (ep, _):
+        results = asyncio.run(run_all(ep, requests, max_tokens=MAX_TOKENS, temperature=0))
+    tok = demo_tokenizer()
+    for req, prompt, want, got in zip(requests, ids, expected, results):
+        assert got.token_ids == want, req
+        assert got.num_prompt_tokens == len(prompt)
+        assert got.finish_reason == ("stop" if want[-1] == 257 else "length")
+        assert got.text == tok.decode(want)
+        assert got.metrics.ttft > 0 and got.metrics.e2e >= got.metrics.ttft
+        assert len(got.metrics.itl) == len(want) - 1

@@ -1,0 +1,77 @@
+"""Options of ``pdserve bench``: configuration parsing and clear errors before anything runs."""
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from router.bench.main import BenchSettings, add_arguments, run
+from router.bench.spawn import ClusterSpec, parse_cluster_spec, parse_cluster_specs
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("text, spec", [
+    ("disagg:1p1d", ClusterSpec("disagg", num_prefill=1, num_decode=1)),
+    ("disagg:2p1d", ClusterSpec("disagg", num_prefill=2, num_decode=1)),
+    ("colocated:2", ClusterSpec("colocated", num_workers=2)),
+])
+def test_cluster_specs_parse_and_keep_their_name(text, spec):
+    assert parse_cluster_spec(text) == spec and spec.name == text
+
+
+@pytest.mark.parametrize("text, match", [
+    ("disagg", "is not a configuration; write disagg:<P>p<D>d"),
+    ("disagg:1p", "is not a configuration"),
+    ("disagg:1d1p", "is not a configuration"),
+    ("colocated:two", "is not a configuration"),
+    ("disagg:0p1d", "needs at least one prefill and one decode worker"),
+    ("colocated:0", "needs at least one worker"),
+])
+def test_bad_cluster_specs_are_refused(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_cluster_spec(text)
+
+
+def test_a_configuration_given_twice_is_refused():
+    with pytest.raises(ValueError, match="lists colocated:2 twice"):
+        parse_cluster_specs(["colocated:2", "disagg:1p1d", "colocated:2"])
+
+
+def test_settings_from_defaults_and_sweep_start():
+    settings = BenchSettings.from_args(_args("--endpoint", "tcp://127.0.0.1:1", "--sweep-rate",
+                                             "--ignore-eos", "--slo-ttft-ms", "500"))
+    assert settings.sweep.start_rate == 1.0 and settings.sweep.target == 0.9
+    assert settings.sampling == {"temperature": 0.0, "ignore_eos": True}
+    assert settings.slo.ttft_ms == 500 and settings.slo.tpot_ms is None
+    params = settings.params()
+    assert params["request_rate"] == float("inf") and params["ignore_eos"] is True
+    assert BenchSettings.from_args(_args("--request-rate", "3", "--sweep-rate")).sweep.start_rate == 3.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--endpoint", "tcp://a", "--spawn", "colocated:1"], "give either --endpoint"),
+    (["--spawn", "colocated"], "is not a configuration"),
+    (["--endpoint", "tcp://a", "--model", "/m"], "--model applies to --spawn"),
+    (["--endpoint", "tcp://a", "--num-prompts", "0"], "--num-prompts must be a positive integer"),
+    (["--endpoint", "tcp://a", "--request-rate", "-1"], "--request-rate must be a positive"),
+    (["--endpoint", "tcp://a", "--range-ratio", "1.5"], "--range-ratio must be in"),
+    (["--endpoint", "tcp://a", "--slo-tpot-ms", "-5"], "--slo-tpot-ms must be a positive"),
+    (["--endpoint", "tcp://a", "--sweep-rate", "--slo-target", "2"], "--slo-target must be in"),
+    (["--endpoint", "tcp://a", "--json", "/nonexistent-dir/x.json"], "--json /nonexistent-dir/x.json"),
+])
+def test_bad_options_exit_2_with_a_message_before_connecting(argv, message, capsys):
+    assert run(_args(*argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve bench: error: ") and message in err and "Traceback" not in err
+
+
+def test_module_entry_point_reports_bad_options():
+    proc = subprocess.run([sys.executable, "-m", "router.bench", "--spawn", "disagg:1x1d"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--spawn 'disagg:1x1d' is not a configuration" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,77 @@
+import argparse
+import os
+import subprocess
+import sys
+
+import pytest
+import zmq.auth
+
+from router.cli import build_parser, main
+from router.worker_args import engine_argv, parse_bytes
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "router.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_keys_writes_loadable_pairs_and_trusted_dirs_and_refuses_to_overwrite(tmp_path, capsys):
+    assert main(["keys", str(tmp_path / "k")]) == 0
+    k = tmp_path / "k"
+    for name in ("router", "client", "worker"):
+        public, secret = zmq.auth.load_certificate(k / f"{name}.key_secret")
+        assert len(public) == 40 and len(secret) == 40
+        assert oct(os.stat(k / f"{name}.key_secret").st_mode & 0o777) == "0o600"
+    assert sorted(os.listdir(k / "clients")) == ["client.key"]
+    assert sorted(os.listdir(k / "workers")) == ["worker.key"]
+    assert main(["keys", str(k)]) == 1
+    assert "already holds keys" in capsys.readouterr().err
+
+
+def test_worker_options_parse_into_the_namespace_the_workers_read():
+    args = build_parser().parse_args(["worker", "--role", "decode", "--router", "ipc:///tmp/x.ipc",
+                                      "--tp", "2", "--kv-memory", "1.5GiB", "--kv-transport", "shm",
+                                      "--worker-id", "d0", "--max-model-len", "128"])
+    assert (args.role, args.router, args.tp, args.kv_memory, args.kv_transport, args.worker_id) == \
+        ("decode", "ipc:///tmp/x.ipc", 2, 3 << 29, "shm", "d0")
+    assert args.model is None and args.block_size == 16 and args.num_kv_blocks is None
+    assert engine_argv(args)[:4] == ["--tp", "2", "--dtype", "auto"]
+
+
+def test_parse_bytes():
+    assert parse_bytes("4096") == 4096 and parse_bytes("2 MiB") == 2 << 20 and parse_bytes("1e3") == 1000
+    for bad in ("", "-1", "3 parsecs", "0"):
+        with pytest.raises(ValueError):
+            parse_bytes(bad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["worker", "--role", "decode", "--router", "ipc:///x", "--num-kv-blocks", "5", "--kv-memory", "1G"],
+     "not allowed with argument"),
+    (["worker", "--role", "cook", "--router", "ipc:///x"], "invalid choice: 'cook'"),
+    (["serve", "--kv-memory", "lots"], "is not a size"),
+])
+def test_bad_options_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    out = run_cli("router", "--listen", "tcp://0.0.0.0:5999", "--backend", f"ipc://{tmp_path}/w.ipc")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("pdserve router: --listen tcp://0.0.0.0:5999 is "
+                                                          "reachable from other hosts")
+    assert "Traceback" not in out.stderr
+    out = run_cli("generate", "hi", "--endpoint", f"ipc://{tmp_path}/nobody.ipc", "--timeout", "0.5")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "no answer from a router at ipc://" in out.stderr
+    out = run_cli("generate", "x", "--endpoint", "nonsense")
+    assert out.returncode == 1 and "is not a zmq endpoint" in out.stderr
+    out = run_cli("generate")
+    assert out.returncode == 1 and "exactly one of a prompt" in out.stderr
+
+
+def test_bench_is_delegated_with_its_own_options():
+    out = run_cli("bench", "--help")
+    assert out.returncode == 0 and "--num-prompts" in out.stdout and out.stdout.startswith("usage: pdserve bench")

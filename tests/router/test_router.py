@@ -1,0 +1,270 @@
+"""The router over real sockets: admission, deadlines, cancel, status, hostile input, and
+worker registration through the real WorkerLink. No worker here computes anything; requests
+that need one simply wait (the request flow with real workers is in tests/e2e)."""
+import asyncio
+import random
+import shutil
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from router import protocol as P
+from router.client import AsyncClient, InvalidRequest, Overloaded, RequestTimeout, Unavailable
+from router.config import RouterConfig
+from router.runtime import RouterThread
+from router.worker_link import RegistrationRefused, WorkerLink
+from tests.router.helpers import model_info
+from tests.router.test_workers import info as worker_info
+
+FINGERPRINT = "f" * 16
+
+
+def make_router(tmp_path, **over) -> RouterThread:
+    config = RouterConfig(**{"frontend": f"ipc://{tmp_path}/c.ipc", "backend": f"ipc://{tmp_path}/w.ipc",
+                             "max_queue": 4, "unavailable_timeout_s": 30.0, "heartbeat_timeout_s": 2.0,
+                             "tick_s": 0.05, **over})
+    return RouterThread(config, model_info()).start()
+
+
+@pytest.fixture
+def router(tmp_path):
+    thread = make_router(tmp_path)
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+async def client(router):
+    async with AsyncClient(router.config.frontend, timeout=10) as c:
+        yield c
+
+
+async def wait_for(predicate, what, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_queue_bound_gives_overloaded_and_cancel_aborts_a_queued_request(client):
+    streams = [client.generate(prompt_token_ids=[1, 2], max_tokens=2) for _ in range(4)]
+    await wait_for(lambda: _queued(client, 4), "4 queued requests")
+    with pytest.raises(Overloaded, match="4 requests are already waiting"):
+        await client.complete(prompt_token_ids=[1], max_tokens=1)
+    first = streams[0]
+    await first.aclose()
+    await wait_for(lambda: _queued(client, 3), "the cancel")
+    status = await client.status()
+    assert status["router"]["aborted"] == 1 and status["router"]["rejected"] == 1
+
+
+async def _queued(client, n):
+    return (await client.status())["router"]["queued"] == n
+
+
+async def test_a_cancelled_stream_gets_a_final_abort_chunk(router):
+    with zmq.asyncio.Context() as ctx:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(router.config.frontend)
+        await sock.send(P.encode(P.Generate("a", None, [1], {"max_tokens": 2})))
+        await sock.send(P.encode(P.Cancel("a")))
+        reply = P.decode(await asyncio.wait_for(sock.recv(), 10))
+        assert reply == P.Chunk("a", [], "", P.FINISH_ABORT, 1)
+        sock.close(0)
+
+
+async def test_invalid_requests_get_clear_errors_and_the_router_keeps_serving(client):
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        await client.complete("")
+    with pytest.raises(InvalidRequest, match="max_tokens must be a positive integer, got -1"):
+        await client.complete("hi", max_tokens=-1)
+    with pytest.raises(InvalidRequest, match="prompt has 64 tokens but the max model length is 64"):
+        await client.complete(prompt_token_ids=[1] * 64)
+    with pytest.raises(InvalidRequest, match="top_p must be"):
+        await client.complete("hi", top_p=2.0)
+    assert (await client.status())["router"]["rejected"] == 4
+
+
+async def test_deadline_gives_request_timeout(client):
+    with pytest.raises(RequestTimeout, match="timeout_s of 0.2s"):
+        await client.complete(prompt_token_ids=[1], timeout_s=0.2)
+    status = await client.status()
+    assert status["router"]["failed"] == 1 and status["router"]["queued"] == 0
+
+
+async def test_requests_fail_unavailable_when_no_worker_comes(tmp_path):
+    thread = make_router(tmp_path, unavailable_timeout_s=0.3)
+    try:
+        async with AsyncClient(thread.config.frontend, timeout=10) as c:
+            with pytest.raises(Unavailable, match="no worker could serve the request for 0.3s"):
+                await c.complete(prompt_token_ids=[1, 2])
+    finally:
+        thread.stop()
+
+
+async def test_client_disconnect_aborts_its_requests(router, client):
+    other = AsyncClient(router.config.frontend, timeout=10)
+    stream = other.generate(prompt_token_ids=[1], max_tokens=3)
+    await wait_for(lambda: _queued(client, 1), "the request to queue")
+    other._sock.close()  # vanish without Cancel
+    other._sock = None
+    await wait_for(lambda: _queued(client, 0), "the disconnect to abort the request")
+    assert (await client.status())["router"]["aborted"] == 1
+    del stream
+
+
+async def test_hostile_input_is_answered_or_dropped_and_good_traffic_continues(router, client):
+    ctx = zmq.asyncio.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(router.config.frontend)
+    rng = random.Random(1)
+    good = P.encode(P.Generate("ok", None, [1, 2], {"max_tokens": 1}, True, 0.05))
+    num_answered = 0
+    for i in range(2000):
+        kind = i % 4
+        if kind == 0:
+            await sock.send(bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 64))))
+        elif kind == 1:
+            await sock.send(msgpack.packb([1, f"t{i}", "x", None, {"max_tokens": 1}])[:-3])
+        elif kind == 2:
+            await sock.send(msgpack.packb([1, f"w{i}", 17, None, {}]))  # wrong type, rid readable
+            num_answered += 1
+        else:
+            await sock.send_multipart([b"extra", b"frames"])
+    await sock.send(good)
+    replies = {}
+    while "ok" not in replies:
+        msg = P.decode(await asyncio.wait_for(sock.recv(), 10))
+        replies[msg.rid] = msg
+    assert replies["ok"].code == P.ERR_TIMEOUT                   # the good one was served
+    wrong = [m for rid, m in replies.items() if rid.startswith("w")]
+    assert len(wrong) == num_answered and all(m.code == P.ERR_INVALID for m in wrong)
+    assert "Generate.prompt must be str or null, got int" in wrong[0].message
+    # A message past MAXMSGSIZE drops that connection; the router itself carries on.
+    await sock.send(b"\x00" * (P.MAX_MESSAGE_BYTES + 10))
+    sock.close(0)
+    ctx.term()
+    assert (await client.status())["router"]["queued"] == 0
+
+
+async def test_worker_registration_heartbeats_refusal_and_disconnect(router, client):
+    stats = {"num_blocks": 100, "free_blocks": 90, "running": 2, "waiting": 1}
+    link = WorkerLink(router.config.backend, "d0", worker_info("decode", fingerprint=FINGERPRINT),
+                      stats=lambda: stats, heartbeat_s=0.05)
+    config = await link.connect()
+    assert config["heartbeat_timeout_s"] == 2.0 and link.registered
+
+    async def heartbeat_seen():
+        workers = (await client.status())["workers"]
+        return workers and workers[0]["free_blocks"] == 90
+    await wait_for(heartbeat_seen, "a heartbeat")
+    (w,) = (await client.status())["workers"]
+    assert (w["id"], w["role"], w["alive"], w["kv_usage"], w["running"], w["queued"]) == \
+        ("d0", "decode", True, 0.1, 2, 1)
+
+    other = WorkerLink(router.config.backend, "p0", worker_info("prefill", fingerprint="0" * 16),
+                       stats=dict, heartbeat_s=0.05, register_timeout_s=10)
+    with pytest.raises(RegistrationRefused, match="model mismatch"):
+        await other.connect()
+    dup = WorkerLink(router.config.backend, "d0", worker_info("decode", fingerprint=FINGERPRINT),
+                     stats=dict, heartbeat_s=0.05)
+    with pytest.raises(RegistrationRefused, match="already registered by a live worker"):
+        await dup.connect()
+
+    await link.close()  # the connection drops: dead at once, no heartbeat timeout needed
+
+    async def dead():
+        return not (await client.status())["workers"][0]["alive"]
+    await wait_for(dead, "the disconnect", timeout=1.5)
+
+
+async def test_worker_notices_router_death_and_registers_with_the_next_router(tmp_path):
+    lost = asyncio.Event()
+    first = make_router(tmp_path)
+    link = WorkerLink(first.config.backend, "d0", worker_info("decode", fingerprint=FINGERPRINT),
+                      stats=dict, on_router_lost=lost.set, heartbeat_s=0.05, router_timeout_s=0.5)
+    try:
+        await link.connect()
+        first.stop(stop_workers=False)
+        await asyncio.wait_for(lost.wait(), 10)
+        assert not link.registered
+        assert not link.send(P.WorkerError("r", "", "x"))   # nothing goes to a lost router
+        second = make_router(tmp_path)
+        try:
+            async with AsyncClient(second.config.frontend, timeout=10) as c:
+                async def back():
+                    return [w["id"] for w in (await c.status())["workers"]] == ["d0"]
+                await wait_for(back, "re-registration")
+            assert link.registered
+        finally:
+            second.stop()
+    finally:
+        await link.close()
+
+
+async def test_client_sees_unavailable_when_the_router_dies(tmp_path):
+    thread = make_router(tmp_path)
+    async with AsyncClient(thread.config.frontend, timeout=30) as c:
+        stream = c.generate(prompt_token_ids=[1])
+        await wait_for(lambda: _queued(c, 1), "queueing")
+        thread.stop()
+        with pytest.raises(Unavailable, match="router is shutting down|lost the connection"):
+            async for _ in stream:
+                pass
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_curve_keys_admit_known_peers_only(tmp_path):
+    from router.cli import main as cli_main
+    assert cli_main(["keys", str(tmp_path / "keys")]) == 0
+    keys = str(tmp_path / "keys")
+    port = _free_port()
+    thread = make_router(tmp_path, frontend=f"tcp://127.0.0.1:{port}", curve_dir=keys)
+    try:
+        async with AsyncClient(thread.config.frontend, timeout=10, curve=keys) as c:
+            assert (await c.status())["router"]["num_workers"] == 0
+        async with AsyncClient(thread.config.frontend, timeout=10) as anonymous:
+            with pytest.raises(Unavailable, match="refused this client: CurveZMQ authentication failed"):
+                await anonymous.status()
+        stranger = tmp_path / "stranger"
+        assert cli_main(["keys", str(stranger)]) == 0
+        shutil.copy(tmp_path / "keys" / "router.key", stranger / "router.key")  # knows the router only
+        async with AsyncClient(thread.config.frontend, timeout=10, curve=str(stranger)) as bad:
+            with pytest.raises(Unavailable, match="CurveZMQ authentication failed"):
+                await bad.status()
+        # The worker key opens the worker socket only: the client socket refuses it.
+        (stranger / "client.key_secret").unlink()
+        shutil.copy(tmp_path / "keys" / "worker.key_secret", stranger / "client.key_secret")
+        async with AsyncClient(thread.config.frontend, timeout=10, curve=str(stranger)) as worker_key:
+            with pytest.raises(Unavailable, match="CurveZMQ authentication failed"):
+                await worker_key.status()
+        link = WorkerLink(thread.config.backend, "d0", worker_info("decode", fingerprint=FINGERPRINT),
+                          stats=dict, curve_dir=keys)
+        await link.connect()
+        await link.close()
+        link = WorkerLink(thread.config.backend, "d1", worker_info("decode", fingerprint=FINGERPRINT),
+                          stats=dict, curve_dir=str(stranger))
+        with pytest.raises(RegistrationRefused, match="CurveZMQ authentication failed"):
+            await link.connect()
+    finally:
+        thread.stop()
+
+
+def test_binding_off_host_without_keys_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="reachable from other hosts.*pdserve keys"):
+        RouterConfig(frontend="tcp://0.0.0.0:5555", backend=f"ipc://{tmp_path}/w.ipc")
+    with pytest.raises(ValueError, match="another process is listening"):
+        with_router = make_router(tmp_path)
+        try:
+            make_router(tmp_path)
+        finally:
+            with_router.stop()
