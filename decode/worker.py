@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from decode.engine import DecodeEngine, run_step_plan
 from kvtransfer.allocator import NoFreeBlocks
+from kvtransfer.transport import TransferDone
 from models.parallel import ParallelContext, broadcast_plan
 from prefill.tp_group import TPGroup, follow_plans
 from prefill.worker_common import WorkerOptions, build_runner, run_worker, worker_info
@@ -45,10 +46,15 @@ class DecodeWorker:
         self.engine = DecodeEngine(runner, colocated=opts.role == "both",
                                    max_num_seqs=opts.max_num_seqs,
                                    max_num_batched_tokens=opts.max_num_batched_tokens)
-        self.receiver = None
+        self.receiver = self.coordinator = None
+        self._rid_of: dict[str, str] = {}    # transfer id -> rid, while KV is on its way
         if opts.role == "decode":
-            from decode.kv_receive import make_receiver
+            from decode.kv_receive import coordinator_endpoint, make_receiver
+            from kvtransfer.coordinator import KVCoordinator
+            self.coordinator = KVCoordinator(self.engine.allocator, endpoint=coordinator_endpoint(opts),
+                                             tp_size=ctx.world_size)
             self.receiver = make_receiver(opts, runner, ctx)
+            self.coordinator.wait_ready()
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
         self.wake = asyncio.Event()
         self.link = None
@@ -68,40 +74,65 @@ class DecodeWorker:
             self._free(msg.rid)
 
     def _allocate(self, msg: P.Allocate) -> None:
+        token_ids = list(msg.token_ids)
         try:
-            seq = self.engine.reserve(msg.rid, msg.transfer_id, list(msg.token_ids), msg.sampling,
-                                      msg.output_index)
+            if self.coordinator is None or msg.transport == "local":
+                if self.coordinator is not None:
+                    raise ValueError("a decode worker cannot prefill locally; route prefill elsewhere")
+                self.engine.reserve(msg.rid, msg.transfer_id, token_ids, msg.sampling, msg.output_index)
+                dest = {"transport": "local", "transfer_id": msg.transfer_id}
+            else:
+                dest = self._reserve_remote(msg, token_ids)
         except (NoFreeBlocks, ValueError) as exc:
             self.link.send(P.Allocated(msg.rid, msg.transfer_id, None, str(exc)))
             return
-        if self.receiver is None:
-            dest = {"transport": "local", "transfer_id": msg.transfer_id}
-        else:
-            dest = self.receiver.expect(msg.rid, msg.transfer_id, seq.block_ids)
         self.link.send(P.Allocated(msg.rid, msg.transfer_id, dest))
+
+    def _reserve_remote(self, msg: P.Allocate, token_ids: list[int]) -> dict:
+        # Blocks for the sequence's whole life; the prefill side writes the prompt's share.
+        num_blocks = self.engine.decode.num_blocks_needed(len(token_ids), msg.sampling, msg.output_index)
+        dest = self.coordinator.reserve(msg.transfer_id, num_blocks * self.engine.allocator.block_size,
+                                        transport=msg.transport or None)
+        if dest is None:
+            raise NoFreeBlocks(f"needs {num_blocks} KV blocks, "
+                               f"{self.engine.allocator.num_free_blocks} free")
+        try:
+            self.engine.decode.make_sequence(msg.rid, msg.transfer_id, token_ids, msg.sampling,
+                                             msg.output_index, list(dest["ranks"][0]["block_ids"]))
+        except ValueError:
+            self.coordinator.abort(msg.transfer_id)
+            raise
+        self._rid_of[msg.transfer_id] = msg.rid
+        return dest
 
     def _free(self, rid: str) -> None:
         seq = self.engine.decode.by_rid.get(rid)
-        if seq is not None and self.receiver is not None and not seq.started:
-            # KV may still be in flight: the receiver quarantines the blocks until the
-            # writer is done; the engine must not hand them out meanwhile.
+        if seq is not None and self.coordinator is not None and not seq.started:
+            # KV may still be in flight: the coordinator quarantines the blocks until every
+            # writer is done (or dead), then returns them to the allocator itself.
             self.engine.decode.remove(rid)
-            self.receiver.abort(seq.transfer_id, seq.block_ids, self.engine.allocator)
+            self._rid_of.pop(seq.transfer_id, None)
+            self.coordinator.abort(seq.transfer_id)
             return
         self.engine.free(rid)
 
-    def on_kv(self, rid: str, transfer_id: str, first_token: int | None, error: str | None) -> None:
-        """A reservation's KV landed (or its transfer failed)."""
-        if error is not None:
-            seq = self.engine.decode.by_rid.get(rid)
-            if seq is not None and seq.transfer_id == transfer_id:
-                self._free(rid)
-                self.link.send(P.WorkerError(rid, transfer_id, f"KV transfer failed: {error}"))
-            return
-        reason = self.engine.kv_arrived(transfer_id, rid, first_token)
-        self.link.send(P.Started(rid, transfer_id))
-        if reason is None:
-            self.wake.set()
+    async def kv_events(self) -> None:
+        """Completions and failures of KV transfers, awaited (no polling in the step loop)."""
+        while True:
+            for event in await self.coordinator.wait_events():
+                rid = self._rid_of.pop(event.transfer_id, None)
+                if rid is None:
+                    continue
+                if isinstance(event, TransferDone):
+                    reason = self.engine.kv_arrived(event.transfer_id, rid, event.first_token_id)
+                    self.link.send(P.Started(rid, event.transfer_id))
+                    if reason is None:
+                        self.wake.set()
+                else:
+                    seq = self.engine.decode.remove(rid)
+                    if seq is not None:
+                        self.link.send(P.WorkerError(rid, event.transfer_id,
+                                                     f"KV transfer failed: {event.reason}"))
 
     def on_router_lost(self) -> None:
         """Abort everything: no one is left to stream the tokens to."""
@@ -131,22 +162,28 @@ class DecodeWorker:
                                         [item.to_wire() for item in out.items]))
 
     def info(self) -> dict:
-        transports = self.receiver.capabilities() if self.receiver is not None else {}
+        transports = {}
+        if self.coordinator is not None:
+            from decode.kv_receive import restrict
+            transports = restrict(self.coordinator.describe()["capabilities"], self.opts.kv_transport)
         return worker_info(self.opts, self.engine.runner, transports)
 
     def background_tasks(self) -> list:
-        return [self.receiver.events(self.on_kv)] if self.receiver is not None else []
+        return [self.kv_events()] if self.coordinator is not None else []
 
     def stats(self) -> dict:
         stats = self.engine.stats()
-        if self.receiver is not None:
-            stats.update(self.receiver.stats())
+        if self.coordinator is not None:
+            kv = self.coordinator.stats()
+            stats.update(quarantined_blocks=kv.get("num_quarantined_blocks", 0),
+                         kv_transfers_done=kv.get("transfers_done"), kv_by_transport=kv.get("by_transport"))
         return stats
 
     def close(self) -> None:
         self.model_thread.shutdown(wait=True)
         if self.receiver is not None:
             self.receiver.close()
+            self.coordinator.close()
         self.group.stop(self.ctx)
         self.engine.runner.close()
 

@@ -12,43 +12,92 @@ from decode.sequence import parse_request_options
 from kvtransfer.allocator import BlockAllocator
 from models.batch import SampleResult, SequenceChunk
 from models.runner import ModelRunner
-from models.sampler import SamplingParams
 from prefill.scheduler import PrefillRequest, PrefillScheduler, ScheduledChunk
 
 
-def run_prefill_plan(runner: ModelRunner, sender, plan: dict) -> list[SampleResult | None]:
-    """Every rank: abort, begin, compute with layer-wise sends, finish."""
+class RankTransfers:
+    """One rank's transfers in progress, by transfer id (each rank sends its own shard)."""
+
+    def __init__(self, sender, wait_timeout_s: float = 30.0):
+        self.sender = sender
+        self.wait_timeout_s = wait_timeout_s
+        self.active: dict = {}
+
+    def close(self) -> None:
+        for transfer in self.active.values():
+            transfer.abort("prefill worker shutting down")
+        self.active.clear()
+        self.sender.close()
+
+
+def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: dict) -> dict:
+    """Every rank: abort, begin, compute with layer-wise sends, finish and wait.
+
+    Finished and aborted transfers are waited for before returning, so once rank 0 has the
+    step's result no rank reads those source blocks any more and they can be reused.
+    Returns ``{"results": [...], "failed": [[transfer_id, reason], ...]}``.
+    """
+    failed: list[list[str]] = []
     for transfer_id in plan["aborts"]:
-        sender.abort(transfer_id)
+        transfer = transfers.active.pop(transfer_id, None)
+        if transfer is not None:
+            transfer.abort()
+            _settle(transfer, transfers.wait_timeout_s)
     sends = plan["sends"]
     for send in sends:
         if send["begin"]:
-            sender.begin(send["transfer_id"], send["dest"])
+            try:
+                transfers.active[send["transfer_id"]] = transfers.sender.start(
+                    send["dest"], send["src"], send["num_tokens"])
+            except ValueError as exc:
+                failed.append([send["transfer_id"], str(exc)])
 
     def on_layer_done(layer: int) -> None:
         for send in sends:
-            sender.send_layer(send["transfer_id"], layer, send["src"], send["dst"])
+            transfer = transfers.active.get(send["transfer_id"])
+            if transfer is not None:
+                transfer.send_layer(layer, send["start"], send["stop"])
 
     results = runner.step([chunk_from_wire(c) for c in plan["chunks"]], on_layer_done)
     for send, result in zip(sends, results):
-        if send["last"]:
-            sender.finish(send["transfer_id"], result.token_id, result.logprob)
-    return results
+        transfer = transfers.active.get(send["transfer_id"]) if send["last"] else None
+        if transfer is None:
+            continue
+        del transfers.active[send["transfer_id"]]
+        transfer.finish(result.token_id, result.logprob)
+        error = _settle(transfer, transfers.wait_timeout_s)
+        if error is not None:
+            failed.append([send["transfer_id"], error])
+    return {"results": results, "failed": failed}
 
 
-def _blocks_touched(block_ids: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return block_ids[start // block_size:(end - 1) // block_size + 1]
+def _settle(transfer, timeout_s: float) -> str | None:
+    try:
+        transfer.wait(timeout_s)
+    except TimeoutError:
+        transfer.abort("timed out")
+        return f"KV transfer did not finish within {timeout_s}s"
+    except Exception as exc:    # TransferError: the decode side refused, died or expired it
+        return str(exc)
+    return None
+
+
+def _prompt_dest(dest: dict, num_blocks: int) -> dict:
+    """The decode side reserved blocks for the whole sequence; the prompt fills the first ones."""
+    return {**dest, "ranks": [{**rank, "block_ids": rank["block_ids"][:num_blocks]}
+                              for rank in dest["ranks"]]}
 
 
 class PrefillEngine:
-    def __init__(self, runner: ModelRunner, sender, *, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 64):
+    def __init__(self, runner: ModelRunner, transfers: RankTransfers, *,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
         self.runner = runner
-        self.sender = sender
+        self.transfers = transfers
         self.allocator = BlockAllocator(runner.num_blocks, runner.block_size)
         self.scheduler = PrefillScheduler(self.allocator, max_num_batched_tokens=max_num_batched_tokens,
                                           max_num_seqs=max_num_seqs)
-        self._aborts: list[str] = []
+        self._aborts: list[str] = []        # transfer ids to abort in the next plan
+        self._plan_aborts: list[str] = []   # ... and in the plan in flight
         self._in_flight: list[ScheduledChunk] = []
         self._sending: dict[str, PrefillRequest] = {}   # transfer_id -> request, until released
 
@@ -68,11 +117,10 @@ class PrefillEngine:
         request = self.scheduler.abort(rid)
         if request is None:
             return
-        if request.block_ids and request.num_computed > request.num_prefix_hit \
-                or request.transfer_id in self._sending:
-            self._aborts.append(request.transfer_id)   # every rank stops its transfer
-        if all(c.request is not request for c in self._in_flight):
-            self._release(request)
+        if request.transfer_id in self._sending:
+            self._aborts.append(request.transfer_id)   # every rank stops its transfer first
+        elif all(c.request is not request for c in self._in_flight):
+            self.scheduler.release(request)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
@@ -85,35 +133,43 @@ class PrefillEngine:
         sends = []
         for c in chunks:
             r = c.request
-            begin = c.start == r.num_prefix_hit
-            # The first chunk also ships the prefix-cache hit blocks.
-            first = 0 if begin else c.start
-            src = _blocks_touched(r.block_ids, first, c.end, bs)
-            dst_all = r.dest["ranks"][0]["block_ids"] if "ranks" in r.dest else []
-            dst = dst_all[first // bs:(c.end - 1) // bs + 1]
-            sends.append({"transfer_id": r.transfer_id, "dest": r.dest if begin else None,
-                          "src": src, "dst": dst, "begin": begin, "last": c.is_last})
+            begin = r.transfer_id not in self._sending
+            send = {"transfer_id": r.transfer_id, "begin": begin, "last": c.is_last,
+                    # The first chunk also ships the blocks found in the prefix cache.
+                    "start": 0 if begin else c.start, "stop": c.end}
             if begin:
+                num_blocks = -(-r.num_tokens // bs)
+                send.update(dest=_prompt_dest(r.dest, num_blocks), src=r.block_ids, num_tokens=r.num_tokens)
                 self._sending[r.transfer_id] = r
+            sends.append(send)
         wire = [chunk_to_wire(SequenceChunk(c.request.token_ids[c.start:c.end], c.start,
                                             c.request.block_ids,
                                             c.request.sampling if c.is_last else None,
                                             c.request.output_index)) for c in chunks]
         self._in_flight = chunks
         plan = {"op": "step", "chunks": wire, "sends": sends, "aborts": self._aborts}
-        self._aborts = []
+        self._plan_aborts, self._aborts = self._aborts, []
         return plan
 
-    def execute_plan(self, plan: dict) -> list[SampleResult | None]:
-        return run_prefill_plan(self.runner, self.sender, plan)
+    def execute_plan(self, plan: dict) -> dict:
+        return run_prefill_plan(self.runner, self.transfers, plan)
 
-    def apply(self, results: list[SampleResult | None]) -> list[tuple[PrefillRequest, SampleResult, str | None]]:
-        """Book the step; returns (request, first token, finish reason) for finished prompts."""
-        finished = []
-        for chunk, result in zip(self._in_flight, results):
+    def apply(self, output: dict) -> tuple[list, list]:
+        """Book the step. Returns (finished, failed): ``(request, first token, finish reason)``
+        for each prompt whose KV has landed, ``(request, reason)`` for each failed transfer."""
+        failed_ids = dict(output["failed"])
+        finished, failed = [], []
+        for chunk, result in zip(self._in_flight, output["results"]):
             request = chunk.request
-            if self.scheduler.by_rid.get(request.rid) is not request:
-                self._release(request)      # aborted while its chunk ran
+            error = failed_ids.get(request.transfer_id)
+            if self.scheduler.by_rid.get(request.rid) is not request or error is not None:
+                # Aborted while its chunk ran, or its transfer failed. A transfer still
+                # active on the ranks keeps reading the blocks until the next plan aborts it.
+                self.scheduler.abort(request.rid)
+                if request.transfer_id not in self._aborts:
+                    self._forget(request)
+                if error is not None:
+                    failed.append((request, error))
                 continue
             self.scheduler.complete(chunk)
             if chunk.is_last:
@@ -122,16 +178,16 @@ class PrefillEngine:
                                                 max_model_len=self.runner.max_model_len)
                 reason = stop.check(result.token_id, request.output_index + 1, request.num_tokens + 1)
                 finished.append((request, result, reason))
-        self._in_flight = []
-        return finished
+                self._forget(request)
+        for transfer_id in self._plan_aborts:
+            request = self._sending.get(transfer_id)
+            if request is not None and all(c.request is not request for c in self._in_flight):
+                self._forget(request)
+        self._in_flight, self._plan_aborts = [], []
+        return finished, failed
 
-    def transfer_released(self, transfer_id: str) -> None:
-        """The sender no longer reads this transfer's source blocks: free them."""
-        request = self._sending.pop(transfer_id, None)
-        if request is not None:
-            self._release(request)
-
-    def _release(self, request: PrefillRequest) -> None:
+    def _forget(self, request: PrefillRequest) -> None:
+        self._sending.pop(request.transfer_id, None)
         self.scheduler.release(request)
 
     def stats(self) -> dict:

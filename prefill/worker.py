@@ -13,7 +13,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from models.parallel import ParallelContext, broadcast_plan
-from prefill.engine import PrefillEngine, run_prefill_plan
+from prefill.engine import PrefillEngine, RankTransfers, run_prefill_plan
 from prefill.tp_group import TPGroup, follow_plans
 from prefill.worker_common import WorkerOptions, build_runner, run_worker, worker_info
 from router import protocol as P
@@ -21,21 +21,21 @@ from router import protocol as P
 log = logging.getLogger("pdserve.prefill")
 
 
-def _make_sender(opts: WorkerOptions, runner, ctx: ParallelContext):
+def _make_transfers(opts: WorkerOptions, runner, ctx: ParallelContext) -> RankTransfers:
     from kvtransfer.sender import KVSender
-    return KVSender(runner.pool, runner.kv_spec, tp_rank=ctx.rank, tp_size=ctx.world_size,
-                    transports=opts.kv_transport)
+    return RankTransfers(KVSender(runner.pool, sender_id=opts.worker_id, rank=ctx.rank,
+                                  tp_size=ctx.world_size))
 
 
 def rank_main(ctx: ParallelContext, options: dict) -> None:
     """Ranks 1..K-1: build the shard and its sender, then execute rank 0's plans."""
     opts = WorkerOptions(**options)
     runner = build_runner(opts, ctx)
-    sender = _make_sender(opts, runner, ctx)
+    transfers = _make_transfers(opts, runner, ctx)
     try:
-        follow_plans(ctx, lambda plan: run_prefill_plan(runner, sender, plan))
+        follow_plans(ctx, lambda plan: run_prefill_plan(runner, transfers, plan))
     finally:
-        sender.close()
+        transfers.close()
         runner.close()
 
 
@@ -44,8 +44,8 @@ class PrefillWorker:
         self.opts = opts
         self.ctx = ctx
         self.group = group
-        self.sender = _make_sender(opts, runner, ctx)
-        self.engine = PrefillEngine(runner, self.sender,
+        self.transfers = _make_transfers(opts, runner, ctx)
+        self.engine = PrefillEngine(runner, self.transfers,
                                     max_num_batched_tokens=opts.max_num_batched_tokens,
                                     max_num_seqs=opts.max_num_seqs)
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
@@ -53,14 +53,12 @@ class PrefillWorker:
         self.link = None
 
     def info(self) -> dict:
-        return worker_info(self.opts, self.engine.runner, self.sender.capabilities())
+        from decode.kv_receive import restrict
+        caps = restrict(self.transfers.sender.capabilities(), self.opts.kv_transport)
+        return worker_info(self.opts, self.engine.runner, caps)
 
     def background_tasks(self) -> list:
-        return [self.sender.released(self._on_released)]
-
-    def _on_released(self, transfer_id: str, error: str | None) -> None:
-        self.engine.transfer_released(transfer_id)
-        self.wake.set()
+        return []
 
     def handle(self, msg: P.Message) -> None:
         if isinstance(msg, P.Prefill):
@@ -92,19 +90,22 @@ class PrefillWorker:
                 self.wake.clear()
                 await self.wake.wait()
                 continue
-            results = await loop.run_in_executor(self.model_thread, self._execute, plan)
-            for request, result, reason in self.engine.apply(results):
+            output = await loop.run_in_executor(self.model_thread, self._execute, plan)
+            finished, failed = self.engine.apply(output)
+            for request, result, reason in finished:
                 self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
                                             result.logprob, reason))
+            for request, error in failed:
+                self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
 
     def stats(self) -> dict:
         stats = self.engine.stats()
-        stats.update(self.sender.stats())
+        stats.update(self.transfers.sender.stats())
         return stats
 
     def close(self) -> None:
         self.model_thread.shutdown(wait=True)
-        self.sender.close()
+        self.transfers.close()
         self.group.stop(self.ctx)
         self.engine.runner.close()
 
