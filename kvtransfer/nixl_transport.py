@@ -113,9 +113,9 @@ class NixlWriter:
         Raises TransferError if they belong to something else or never open."""
         deadline = time.monotonic() + wait_s
         while (state := tag_state(self._read_tags(target, block_ids), transfer_id)) != "open":
-            if state == "stale" or time.monotonic() > deadline or cancelled():
-                raise TransferError(f"transfer {transfer_id}: the decode blocks are no longer "
-                                    f"reserved for it ({state}); dropping its data")
+            if state == "closed" or time.monotonic() > deadline or cancelled():
+                raise TransferError(f"the decode blocks are no longer reserved for this transfer "
+                                    f"({state}); dropping its data")
             time.sleep(0.0002)
 
     def _read_tags(self, target: RankTarget, block_ids: list[int]) -> np.ndarray:
@@ -161,7 +161,7 @@ class NixlWriter:
                                        agent.get_xfer_descs(remote, mem), target.nixl_agent,
                                        pack("nx", x=transfer_id, p=p_rank))
         if agent.transfer(handle) == "ERR":
-            raise TransferError(f"transfer {transfer_id}: NIXL refused a WRITE to {target.nixl_agent}")
+            raise TransferError(f"NIXL refused a WRITE to {target.nixl_agent}")
         self._pending.setdefault(transfer_id, []).append(handle)
         return sum(length for _, length, _ in local)
 

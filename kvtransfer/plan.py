@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+SOLO_RUN_BYTES = 64 << 10  # a run this large (K or V of one layer) moves alone; smaller ones are grouped
+
 from kvtransfer.spec import kv_head_range
 
 
@@ -71,6 +73,21 @@ def block_runs(src_ids: Sequence[int], dst_ids: Sequence[int],
                 continue
         runs.append((src, dst, 1))
     return runs
+
+
+def group_runs(runs: list[tuple[int, int, int]], min_alone: int) -> list[list[tuple[int, int, int]]]:
+    """Split runs into groups that each move in one operation: a run of at least ``min_alone``
+    blocks alone (a slice copy, or a zero-copy frame), consecutive shorter runs together (one
+    gather and one scatter, far cheaper than a small copy per block on a fragmented pool)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for run in runs:
+        if run[2] >= min_alone:
+            groups.append([run])
+        elif groups and groups[-1][-1][2] < min_alone:
+            groups[-1].append(run)
+        else:
+            groups.append([run])
+    return groups
 
 
 def block_span(start: int, stop: int, block_size: int) -> tuple[int, int]:

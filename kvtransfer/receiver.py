@@ -269,37 +269,41 @@ class KVReceiver:
             self._dispatch(msg, frames, park=False)
 
     def _apply(self, tid: str, msg: dict, frames: list) -> None:
+        """Handle a prefill message for a known transfer; a bad one raises WireError before it
+        changes anything."""
         t = self._open.get(tid) or self._closing[tid]
-        self._learn_source(t, msg)
         kind, p = msg["t"], msg["p"]
+        expected = self._check_source(t, msg)
         if kind == "kv":
             if tid not in self._open:
                 self._stats["stale_dropped"] += 1
                 return
             self._stats["bytes_landed"] += land_layer(self.pool, msg, frames, t.blocks)
-        elif kind == "done":
+        t.writer, t.p_tp, t.expected = t.writer or msg["s"], msg["pt"], expected
+        if kind == "done":
             t.done.add(p)
             t.ended.add(p)
             t.writes_expected[p] = msg["n"]
             if "tok" in msg:
                 t.first = (msg["tok"], float(msg.get("lp", 0.0)))
-        else:  # abort
+        elif kind == "abort":
             t.ended.add(p)
             t.writer_gone |= bool(msg.get("every"))
             self._fail(tid, f"prefill rank {p} aborted: {msg['reason']}")
         self._try_complete(tid)
         self._try_release(tid)
 
-    def _learn_source(self, t: _RankTransfer, msg: dict) -> None:
-        if t.writer is None:
-            t.writer = msg["s"]
-        if t.p_tp is None:
-            if not 0 <= msg["p"] < msg["pt"]:
-                raise WireError(f"prefill rank {msg['p']} outside TP={msg['pt']}")
-            t.p_tp = msg["pt"]
-            t.expected = sources_for(self.pool.spec.num_kv_heads, t.p_tp, self.tp_size, self.rank)
-        elif msg["pt"] != t.p_tp or not 0 <= msg["p"] < t.p_tp:
-            raise WireError(f"prefill rank {msg['p']} of TP={msg['pt']} contradicts TP={t.p_tp}")
+    def _check_source(self, t: _RankTransfer, msg: dict) -> frozenset[int]:
+        """The prefill ranks that write here, from the message's (rank, TP) claims."""
+        p, p_tp = msg["p"], msg["pt"]
+        if not 0 <= p < p_tp or (t.p_tp is not None and p_tp != t.p_tp):
+            raise WireError(f"prefill rank {p} of TP={p_tp} does not fit this transfer (TP={t.p_tp})")
+        if t.expected is not None:
+            return t.expected
+        try:
+            return sources_for(self.pool.spec.num_kv_heads, p_tp, self.tp_size, self.rank)
+        except ValueError as exc:
+            raise WireError(str(exc)) from None
 
     def _on_write_landed(self, note: bytes) -> None:
         try:

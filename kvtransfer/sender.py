@@ -24,7 +24,7 @@ from kvtransfer.pool import KVPool
 from kvtransfer.shm_transport import ShmWriter
 from kvtransfer.transport import Destination, RankTarget, TransferError
 from kvtransfer.wire import pack
-from kvtransfer.zmq_transport import ZmqLink, blocks_per_message, layer_messages
+from kvtransfer.zmq_transport import ZmqLink, layer_messages, slice_block_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +151,17 @@ class KVSender:
     # -- model-thread API ----------------------------------------------------------------
     def start(self, dest: dict, block_ids: Sequence[int], num_tokens: int | None = None) -> KVTransfer:
         """Begin sending one request's KV from ``block_ids`` (its block table in this rank's
-        pool) into ``dest``. ``num_tokens`` defaults to every token of those blocks.
+        pool) into ``dest``: block i goes to the destination's block i. The destination may
+        hold more blocks (reserved for the tokens decode will add). ``num_tokens`` defaults to
+        every token of ``block_ids``.
 
         Raises ValueError if the destination is malformed or does not fit the blocks.
         """
         parsed = Destination.parse(dest)
         block_ids = [int(b) for b in block_ids]
-        if len(block_ids) != len(parsed.ranks[0].block_ids):
-            raise ValueError(f"transfer {parsed.transfer_id}: {len(block_ids)} source blocks but the "
-                             f"destination reserved {len(parsed.ranks[0].block_ids)}")
+        if not block_ids or len(block_ids) > len(parsed.ranks[0].block_ids):
+            raise ValueError(f"transfer {parsed.transfer_id}: {len(block_ids)} source blocks for a "
+                             f"destination of {len(parsed.ranks[0].block_ids)}")
         if any(not 0 <= b < self.pool.num_blocks for b in block_ids):
             raise ValueError(f"transfer {parsed.transfer_id}: source block ids must be below "
                              f"{self.pool.num_blocks}")
@@ -281,13 +283,13 @@ class KVSender:
             dst_ids = list(target.block_ids[first:last])
             if dest.transport == "zmq":
                 max_bytes = self.config.max_message_bytes
-                runs = block_runs(src_ids, dst_ids, blocks_per_message(self.pool.spec, s, max_bytes))
+                max_blocks = max(1, max_bytes // (2 * slice_block_bytes(self.pool.spec, s.src)))
+                runs = block_runs(src_ids, dst_ids, max_blocks)
                 source = {"x": transfer.transfer_id, "s": self.sender_id, "p": self.rank, "pt": self.tp_size}
                 link = self._link(target.endpoint)
                 for parts in layer_messages(self.pool, layer, runs, s, source, max_bytes):
                     try:
-                        tracker = link.send(parts, deadline=flight.deadline, cancelled=lambda: transfer.cancelled,
-                                            what=f"transfer {transfer.transfer_id}")
+                        tracker = link.send(parts, deadline=flight.deadline, cancelled=lambda: transfer.cancelled)
                     except TransferError as exc:
                         if not transfer.cancelled:
                             self._reset_link(target.endpoint, str(exc))
@@ -309,7 +311,7 @@ class KVSender:
 
     def _fail(self, flight: _Flight, reason: str) -> None:
         if flight.ending is None or flight.ending == "finish":
-            logger.warning("transfer %s: %s", flight.transfer.transfer_id, reason)
+            logger.warning("KV transfer %s failed: %s", flight.transfer.transfer_id, reason)
             flight.ending = reason
         flight.transfer.cancelled = True
 
@@ -360,8 +362,7 @@ class KVSender:
     def _notify(self, target: RankTarget, message: bytes) -> bool:
         timeout = 0.2 if self._stopping else self.config.handshake_timeout_s
         try:
-            self._link(target.endpoint).send([message], deadline=time.monotonic() + timeout,
-                                             cancelled=lambda: False, what="notice")
+            self._link(target.endpoint).send([message], deadline=time.monotonic() + timeout)
             return True
         except TransferError as exc:
             self._reset_link(target.endpoint, str(exc))

@@ -3,9 +3,9 @@
 Only the ``done``/``abort`` notifications travel (over the rank's ZMQ link). Next to its pool,
 each decode rank keeps an owner tag per block in shared memory (``OwnerTags``):
 
-    0       block not reserved yet (or never opened)
     tag(x)  reserved for transfer x and open: writers of x may copy
     -tag(x) transfer x was closed on this rank: writers of x must stop
+    other   not open for x (never reserved, or not yet: writers of x wait a bounded time)
 
 Only the decode rank's receiver thread writes tags; the writer checks them before every copy,
 so a writer whose transfer was closed or whose blocks moved on drops its data instead of
@@ -19,8 +19,9 @@ import os
 import time
 
 import numpy as np
+import torch
 
-from kvtransfer.plan import HeadSlice
+from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs
 from kvtransfer.pool import KVPool
 from kvtransfer.spec import KVSpec
 from kvtransfer.transport import RankTarget, TransferError
@@ -33,14 +34,15 @@ def transfer_tag(transfer_id: str) -> int:
 
 
 def tag_state(tags: np.ndarray, transfer_id: str) -> str:
-    """``open`` if every tag is open for the transfer, ``pending`` if some blocks are not opened
-    yet, ``stale`` if any was closed or belongs to another transfer."""
+    """``open`` if every block is open for the transfer, ``closed`` if it was closed on any of
+    them, else ``pending``: not opened for it (yet: a reused block keeps its previous owner's
+    tag until the rank's ``open`` lands, so writers wait a bounded time before giving up)."""
     tag = transfer_tag(transfer_id)
     if (tags == tag).all():
         return "open"
-    if ((tags == tag) | (tags == 0)).all():
-        return "pending"
-    return "stale"
+    if (tags == -tag).any():
+        return "closed"
+    return "pending"
 
 
 class OwnerTags:
@@ -113,19 +115,23 @@ class ShmWriter:
         dst_ids = [d + i for _, d, n in runs for i in range(n)]
         deadline = time.monotonic() + self.open_wait_s
         while (state := tags.state(dst_ids, transfer_id)) != "open":
-            if state == "stale" or time.monotonic() > deadline or cancelled():
-                raise TransferError(f"transfer {transfer_id}: the decode blocks are no longer "
-                                    f"reserved for it ({state}); dropping its data")
+            if state == "closed" or time.monotonic() > deadline or cancelled():
+                raise TransferError(f"the decode blocks are no longer reserved for this transfer "
+                                    f"({state}); dropping its data")
             time.sleep(0.0002)
         (ss, se), (ds, de) = head_slice.src, head_slice.dst
-        nbytes = 0
-        for kv in (0, 1):
-            src_layer, dst_layer = src.kv[layer, kv], dst.kv[layer, kv]
-            for s, d, n in runs:
-                # [n, block_size, heads, head_dim]
-                dst_layer[d:d + n, :, ds:de].copy_(src_layer[s:s + n, :, ss:se])
-                nbytes += n * self.spec.block_size * (se - ss) * self.spec.head_dim * self.spec.itemsize
-        return nbytes
+        spec = self.spec
+        block_bytes = spec.block_size * (se - ss) * spec.head_dim * spec.itemsize
+        src_kv, dst_kv = src.kv[layer], dst.kv[layer]  # [2, num_blocks, block_size, heads, head_dim]
+        for group in group_runs(runs, max(1, SOLO_RUN_BYTES // block_bytes)):
+            if len(group) == 1:
+                s, d, n = group[0]
+                dst_kv[:, d:d + n, :, ds:de].copy_(src_kv[:, s:s + n, :, ss:se])
+            else:  # one gather and one scatter instead of a small copy per run
+                src_ids = torch.tensor([s + i for s, _, n in group for i in range(n)], device=src_kv.device)
+                dst_kv[:, [d + i for _, d, n in group for i in range(n)], :, ds:de] = \
+                    src_kv[:, :, :, ss:se].index_select(1, src_ids).to(dst_kv.device)
+        return 2 * len(dst_ids) * block_bytes
 
     def close(self) -> None:
         for pool, tags in self._pools.values():

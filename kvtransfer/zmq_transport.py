@@ -1,8 +1,9 @@
-"""zmq transport: a msgpack ``kv`` header followed by raw K and V frames, one pair per block run.
+"""zmq transport: a msgpack ``kv`` header followed by raw K and V frames, one pair per segment.
 
-The sender hands zero-copy frames (views of its pool) to ZeroMQ and tracks them, so the source
-blocks stay untouched until ZeroMQ is done with them; the receiving rank checks the header
-against its open transfer and copies the frames into the reserved blocks of its own pool.
+Large block runs go as zero-copy frames (views of the sender's pool), tracked so the source
+blocks stay untouched until ZeroMQ is done with them; short runs of a fragmented pool are
+gathered into one frame. The receiving rank checks the header against its open transfer and
+copies (or scatters) the frames into the reserved blocks of its own pool.
 Messages are at most ``max_message_bytes`` and the DEALER's high-water mark bounds how many are
 queued, so bytes in flight are bounded and a slow receiver blocks the sender's thread.
 """
@@ -14,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 import zmq
 
-from kvtransfer.plan import HeadSlice
+from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs
 from kvtransfer.pool import KVPool
 from kvtransfer.transport import TransferError
 from kvtransfer.wire import WireError, int_list, pack
@@ -31,8 +32,8 @@ class ZmqLink:
         self.sock.setsockopt(zmq.SNDTIMEO, poll_ms)
         self.sock.connect(endpoint)
 
-    def send(self, parts: list, *, deadline: float, cancelled: Callable[[], bool],
-             what: str) -> zmq.MessageTracker | None:
+    def send(self, parts: list, *, deadline: float,
+             cancelled: Callable[[], bool] = lambda: False) -> zmq.MessageTracker | None:
         """Send one multipart message, waiting while the receiver applies backpressure.
 
         Large frames go zero-copy; the returned tracker says when ZeroMQ released them.
@@ -45,17 +46,16 @@ class ZmqLink:
                 break
             except zmq.Again:
                 if cancelled():
-                    raise TransferError(f"{what}: cancelled while {self.endpoint} applied backpressure") from None
+                    raise TransferError(f"cancelled while {self.endpoint} applied backpressure") from None
                 if time.monotonic() > deadline:
-                    raise TransferError(f"{what}: {self.endpoint} accepted nothing before the transfer "
-                                        "deadline; is the decode worker alive?") from None
+                    raise TransferError(f"{self.endpoint} accepted nothing before the deadline; "
+                                        "is the decode worker alive?") from None
         tracked = [f for f in frames if isinstance(f, zmq.Frame)]
         return zmq.MessageTracker(*tracked) if tracked else None
 
     def request(self, payload: bytes, timeout_s: float) -> bytes:
         """A one-off request/reply on this link (used for the NIXL metadata handshake)."""
-        self.send([payload], deadline=time.monotonic() + timeout_s, cancelled=lambda: False,
-                  what="handshake")
+        self.send([payload], deadline=time.monotonic() + timeout_s)
         if not self.sock.poll(int(timeout_s * 1000)):
             raise TransferError(f"no handshake reply from {self.endpoint} within {timeout_s}s")
         return self.sock.recv()
@@ -71,43 +71,48 @@ def _wire_bytes(t: torch.Tensor):
     return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-def blocks_per_message(spec, head_slice: HeadSlice, max_message_bytes: int) -> int:
-    """How many blocks of one layer (K and V of the slice's heads) fit in one message."""
-    ss, se = head_slice.src
-    return max(1, max_message_bytes // (2 * spec.block_size * (se - ss) * spec.head_dim * spec.itemsize))
+def slice_block_bytes(spec, heads: tuple[int, int]) -> int:
+    """Bytes of one block of one layer's K (or V) restricted to ``heads``."""
+    return spec.block_size * (heads[1] - heads[0]) * spec.head_dim * spec.itemsize
 
 
 def layer_messages(pool: KVPool, layer: int, runs: list[tuple[int, int, int]], head_slice: HeadSlice,
                    source: dict, max_message_bytes: int) -> Iterator[list]:
-    """The ``kv`` messages (header, then K and V frames per run) for one layer's runs.
+    """The ``kv`` messages for one layer's runs: a header, then a K and a V frame per segment.
 
-    ``source`` holds the header's source fields (x, s, p, pt). Runs are packed into messages of
-    at most ``max_message_bytes`` (a single run larger than that goes alone; callers split runs
-    with ``plan.block_runs(max_blocks=...)``).
+    A segment is a group of runs (``plan.group_runs``): a large run goes as zero-copy views of
+    the pool, shorter runs are gathered into one new frame. ``source`` holds the header's
+    source fields (x, s, p, pt). Messages stay under ``max_message_bytes`` unless a single run
+    is larger (callers split runs with ``plan.block_runs(max_blocks=...)``).
     """
     (ss, se), dst_heads = head_slice.src, list(head_slice.dst)
-    spec = pool.spec
-    run_bytes = 2 * spec.block_size * (se - ss) * spec.head_dim * spec.itemsize
-    k, v = pool.layer(layer)
+    block_bytes = slice_block_bytes(pool.spec, head_slice.src)
+    min_alone = max(1, SOLO_RUN_BYTES // block_bytes)
+    kv = pool.kv[layer]  # [2, num_blocks, block_size, heads, head_dim]
+
+    def message(batch: list[tuple[int, int, int]]) -> list:
+        segments, frames = [], []
+        for group in group_runs(batch, min_alone):
+            segments.append([[d, n] for _, d, n in group])
+            if len(group) == 1:
+                s, _, n = group[0]
+                part = kv[:, s:s + n, :, ss:se]
+            else:
+                ids = torch.tensor([s + i for s, _, n in group for i in range(n)], device=kv.device)
+                part = kv[:, :, :, ss:se].index_select(1, ids)
+            frames += [_wire_bytes(part[0]), _wire_bytes(part[1])]
+        return [pack("kv", **source, l=layer, h=dst_heads, segs=segments), *frames]
+
     batch: list[tuple[int, int, int]] = []
-
-    def message() -> list:
-        header = pack("kv", **source, l=layer, h=dst_heads, runs=[[d, n] for _, d, n in batch])
-        frames: list = [header]
-        for s, _, n in batch:
-            # [n, block_size, heads, head_dim]
-            frames += [_wire_bytes(k[s:s + n, :, ss:se]), _wire_bytes(v[s:s + n, :, ss:se])]
-        return frames
-
     size = 0
     for run in runs:
-        if batch and size + run[2] * run_bytes > max_message_bytes:
-            yield message()
+        if batch and size + 2 * run[2] * block_bytes > max_message_bytes:
+            yield message(batch)
             batch, size = [], 0
         batch.append(run)
-        size += run[2] * run_bytes
+        size += 2 * run[2] * block_bytes
     if batch:
-        yield message()
+        yield message(batch)
 
 
 def land_layer(pool: KVPool, msg: dict, frames: list[zmq.Frame], blocks: frozenset[int]) -> int:
@@ -125,25 +130,32 @@ def land_layer(pool: KVPool, msg: dict, frames: list[zmq.Frame], blocks: frozens
     num_heads = pool.shape[4]
     if len(heads) != 2 or not 0 <= heads[0] < heads[1] <= num_heads:
         raise WireError(f"head range {heads} does not fit this rank's {num_heads} kv heads")
-    runs = msg["runs"]
-    if len(frames) != 2 * len(runs):
-        raise WireError(f"{len(runs)} runs need {2 * len(runs)} frames, got {len(frames)}")
-    h0, h1 = heads
-    block_bytes = spec.block_size * (h1 - h0) * spec.head_dim * spec.itemsize
+    segments = msg["segs"]
+    if len(frames) != 2 * len(segments):
+        raise WireError(f"{len(segments)} segments need {2 * len(segments)} frames, got {len(frames)}")
+    block_bytes = slice_block_bytes(spec, heads)
     checked = []
-    for i, run in enumerate(runs):
-        if not isinstance(run, list) or len(int_list(run, "runs")) != 2 or run[1] <= 0:
-            raise WireError("each run must be [first_block, num_blocks]")
-        start, n = run
-        if any(b not in blocks for b in range(start, start + n)):
-            raise WireError(f"run {run} writes blocks outside the reservation")
+    for i, segment in enumerate(segments):
+        if not isinstance(segment, list) or not segment:
+            raise WireError("each segment must be a non-empty list of [first_block, num_blocks] runs")
+        ids = []
+        for run in segment:
+            if not isinstance(run, list) or len(int_list(run, "segs")) != 2 or run[1] <= 0:
+                raise WireError("each run must be [first_block, num_blocks]")
+            ids += range(run[0], run[0] + run[1])
+        if any(b not in blocks for b in ids):
+            raise WireError(f"segment {segment} writes blocks outside the reservation")
         for frame in frames[2 * i:2 * i + 2]:
-            if len(frame.buffer) != n * block_bytes:
-                raise WireError(f"frame of {len(frame.buffer)} bytes for a run of {n * block_bytes}")
-        checked.append((start, n, frames[2 * i], frames[2 * i + 1]))
-    k, v = pool.layer(layer)
-    for start, n, fk, fv in checked:
-        for dst, frame in ((k, fk), (v, fv)):
-            view = dst[start:start + n, :, h0:h1]  # [n, block_size, heads, head_dim]
-            view.copy_(torch.frombuffer(frame.buffer, dtype=pool.dtype).view(view.shape))
-    return 2 * sum(n for _, n, _, _ in checked) * block_bytes
+            if len(frame.buffer) != len(ids) * block_bytes:
+                raise WireError(f"frame of {len(frame.buffer)} bytes for {len(ids)} blocks of {block_bytes}")
+        checked.append((segment, ids, frames[2 * i:2 * i + 2]))
+    kv = pool.kv[layer]  # [2, num_blocks, block_size, heads, head_dim]
+    h0, h1 = heads
+    for segment, ids, kv_frames in checked:
+        for which, frame in enumerate(kv_frames):
+            src = torch.frombuffer(frame.buffer, dtype=pool.dtype).view(len(ids), spec.block_size, h1 - h0, -1)
+            if len(segment) == 1:
+                kv[which, segment[0][0]:segment[0][0] + segment[0][1], :, h0:h1].copy_(src)
+            else:
+                kv[which][torch.tensor(ids, device=kv.device), :, h0:h1] = src.to(kv.device)
+    return 2 * sum(len(ids) for _, ids, _ in checked) * block_bytes

@@ -31,6 +31,30 @@ class PrefillSlice:
     mask: torch.Tensor | None
 
 
+class GatherWorkspace:
+    """Reusable memory for K/V gathered by block table, one buffer each for K and V.
+
+    On CPU a large fresh tensor is page-faulted in on every use (several times the cost of
+    the copy itself); one buffer, grown as needed, serves every layer of every step. A
+    gathered tensor is valid until the next ``gather`` into the same buffer.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[torch.Tensor | None] = [None, None]
+
+    def gather(self, which: int, cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """``cache[block_ids]`` (``which``: 0 for K, 1 for V) -> ``[n, *cache.shape[1:]]``."""
+        shape = (block_ids.numel(), *cache.shape[1:])
+        numel = shape[0] * cache[0].numel()
+        buf = self._buffers[which]
+        if buf is None or buf.numel() < numel or buf.dtype != cache.dtype \
+                or buf.device != cache.device:
+            grown = numel if buf is None else max(numel, buf.numel() * 3 // 2)
+            buf = self._buffers[which] = torch.empty(grown, dtype=cache.dtype, device=cache.device)
+        out = buf[:numel].view(shape)
+        return torch.index_select(cache, 0, block_ids, out=out)
+
+
 @dataclass
 class AttentionMetadata:
     """Everything a layer needs to place and read K/V for one step."""
@@ -42,6 +66,7 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None = None  # [num_decodes * max_blocks] int64, row-major
     decode_context_len: int = 0  # longest decode context; gathered keys are cut to it
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_context_len] bool
+    workspace: GatherWorkspace | None = None  # None: gather into fresh tensors
 
 
 class PagedAttention:
@@ -69,8 +94,8 @@ class PagedAttention:
             if p.context_blocks is None:
                 k_ctx, v_ctx = k[p.start:end], v[p.start:end]
             else:  # [context_len, num_kv_heads, head_dim] gathered by block table
-                k_ctx = k_cache.index_select(0, p.context_blocks).flatten(0, 1)[:p.context_len]
-                v_ctx = v_cache.index_select(0, p.context_blocks).flatten(0, 1)[:p.context_len]
+                k_ctx = _gather(meta, 0, k_cache, p.context_blocks).flatten(0, 1)[:p.context_len]
+                v_ctx = _gather(meta, 1, v_cache, p.context_blocks).flatten(0, 1)[:p.context_len]
             # [1, heads, len, head_dim] views for SDPA
             o = self._sdpa(q[p.start:end].transpose(0, 1).unsqueeze(0),
                            k_ctx.transpose(0, 1).unsqueeze(0), v_ctx.transpose(0, 1).unsqueeze(0),
@@ -85,10 +110,9 @@ class PagedAttention:
                 meta: AttentionMetadata) -> torch.Tensor:
         """All decode rows in one padded SDPA: q ``[B, heads, D]`` -> ``[B, heads, D]``."""
         n, length = meta.num_decodes, meta.decode_context_len
-        # index_select of whole blocks (one memcpy each; far faster than a 2-D index):
         # [B * max_blocks, block_size, kv_heads, D] -> [B, kv_heads, length, D]
-        k_ctx = k_cache.index_select(0, meta.decode_block_ids).view(n, -1, *k_cache.shape[2:])
-        v_ctx = v_cache.index_select(0, meta.decode_block_ids).view(n, -1, *v_cache.shape[2:])
+        k_ctx = _gather(meta, 0, k_cache, meta.decode_block_ids).view(n, -1, *k_cache.shape[2:])
+        v_ctx = _gather(meta, 1, v_cache, meta.decode_block_ids).view(n, -1, *v_cache.shape[2:])
         o = self._sdpa(q.unsqueeze(2), k_ctx[:, :length].transpose(1, 2),
                        v_ctx[:, :length].transpose(1, 2), meta.decode_mask, is_causal=False)
         return o.reshape(n, self.num_heads, self.head_dim)  # from [B, heads, 1, D]
@@ -102,3 +126,11 @@ class PagedAttention:
     def _sdpa(self, q, k, v, mask, is_causal: bool) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               scale=self.scale, enable_gqa=self.enable_gqa)
+
+
+def _gather(meta: AttentionMetadata, which: int, cache: torch.Tensor,
+            block_ids: torch.Tensor) -> torch.Tensor:
+    # index_select of whole blocks: one memcpy each, far faster than a 2-D advanced index.
+    if meta.workspace is None:
+        return cache.index_select(0, block_ids)
+    return meta.workspace.gather(which, cache, block_ids)

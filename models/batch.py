@@ -6,11 +6,11 @@ single-token chunk (decode) so decode rows are one contiguous run for batched at
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from models.attention import AttentionMetadata, PrefillSlice
+from models.attention import AttentionMetadata, GatherWorkspace, PrefillSlice
 from models.sampler import SamplingParams
 
 
@@ -45,12 +45,13 @@ class StepBatch:
     attn: AttentionMetadata
     order: list[int]  # order[i]: caller's index of the i-th laid-out chunk
     last_rows: list[int]  # row of each laid-out chunk's last token
-    chunks: list[SequenceChunk] = field(default_factory=list)  # laid-out order
+    chunks: list[SequenceChunk]  # laid-out order
 
 
 def build_step_batch(chunks: list[SequenceChunk], *, block_size: int, num_blocks: int,
                      max_model_len: int, vocab_size: int, device: torch.device,
-                     sliding_window: int | None = None) -> StepBatch:
+                     sliding_window: int | None = None,
+                     workspace: GatherWorkspace | None = None) -> StepBatch:
     """Validate ``chunks`` and lay them out. Raises ``ValueError`` naming the bad chunk."""
     if not chunks:
         raise ValueError("a step needs at least one chunk")
@@ -65,7 +66,10 @@ def build_step_batch(chunks: list[SequenceChunk], *, block_size: int, num_blocks
     token_ids: list[int] = []
     for c in laid_out:
         token_ids.extend(c.token_ids)
-    input_ids = torch.tensor(token_ids, dtype=torch.int64)
+    try:
+        input_ids = torch.tensor(token_ids, dtype=torch.int64)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError("token ids must be integers") from None
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         bad = next(t for t in token_ids if not 0 <= t < vocab_size)
         raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
@@ -93,7 +97,8 @@ def build_step_batch(chunks: list[SequenceChunk], *, block_size: int, num_blocks
         row += n
         last_rows.append(row - 1)
 
-    attn = AttentionMetadata(slot_mapping=torch.empty(0), prefills=slices, num_prefill_tokens=row)
+    attn = AttentionMetadata(slot_mapping=torch.empty(0), prefills=slices, num_prefill_tokens=row,
+                             workspace=workspace)
     if decodes:
         dec_pos = [c.num_cached for c in decodes]
         positions.append(torch.tensor(dec_pos, dtype=torch.int64))

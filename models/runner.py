@@ -8,11 +8,14 @@ import torch
 
 from kvtransfer.pool import KVPool, num_blocks_for_budget
 from kvtransfer.spec import KVSpec
+from models.attention import GatherWorkspace
 from models.batch import SampleResult, SequenceChunk, StepBatch, build_step_batch
 from models.config import ModelConfig
 from models.loader import DTYPES, load_model, resolve_dtype
 from models.parallel import SINGLE, ParallelContext
 from models.sampler import Sampler
+
+__all__ = ["ModelRunner", "SampleResult", "SequenceChunk"]
 
 DEFAULT_KV_BUDGET_BYTES = 1 << 30
 # Without an explicit size, a pool never needs more than this many full-length sequences.
@@ -55,6 +58,7 @@ class ModelRunner:
                            backend=pool_backend, device=self.device, shm_path=shm_path)
         self.kv_caches = [self.pool.layer(i) for i in range(self.config.num_layers)]
         self.sampler = Sampler()
+        self.workspace = GatherWorkspace()
 
     @property
     def num_blocks(self) -> int:
@@ -106,7 +110,8 @@ class ModelRunner:
         return build_step_batch(chunks, block_size=self.block_size, num_blocks=self.num_blocks,
                                 max_model_len=self.max_model_len,
                                 vocab_size=self.config.vocab_size, device=self.device,
-                                sliding_window=self.config.sliding_window)
+                                sliding_window=self.config.sliding_window,
+                                workspace=self.workspace)
 
     def _check_max_model_len(self, max_model_len: int | None) -> int:
         limit = self.config.max_position_embeddings

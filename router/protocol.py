@@ -153,6 +153,7 @@ class Allocate(Message):
     sampling: dict
     output_index: int = 0
     transport: str = ""  # what the prefill side will push with: "local" (same worker) or a transport name
+    writer: str = ""     # worker_id of the prefill worker that will push the KV ("" when local)
 
 
 @dataclass
@@ -246,10 +247,19 @@ class HeartbeatAck(Message):
     registered: bool = True
 
 
+@dataclass
+class PeerDead(Message):
+    """Router -> decode workers: the prefill worker ``worker_id`` is dead. Reservations it was
+    writing (``Allocate.writer``) can be released at once: no late write can land in them."""
+    TAG: ClassVar[int] = 23
+    worker_id: str
+
+
 _BY_TAG: dict[int, type[Message]] = {
     cls.TAG: cls for cls in (Generate, Cancel, StatusRequest, Chunk, Error, StatusReply,
                              Register, Registered, Heartbeat, Allocate, Allocated, Prefill,
-                             FirstToken, Tokens, Free, WorkerError, Shutdown, Started, HeartbeatAck)
+                             FirstToken, Tokens, Free, WorkerError, Shutdown, Started, HeartbeatAck,
+                             PeerDead)
 }
 _FIELDS: dict[type[Message], list[tuple[str, tuple[type, ...], bool]]] = {}
 
@@ -309,4 +319,4 @@ def decode(data: bytes, allowed: typing.Collection[type[Message]] | None = None)
 
 CLIENT_TO_ROUTER = (Generate, Cancel, StatusRequest)
 WORKER_TO_ROUTER = (Register, Heartbeat, Allocated, FirstToken, Tokens, WorkerError, Started)
-ROUTER_TO_WORKER = (Registered, Allocate, Prefill, Free, Shutdown, HeartbeatAck)
+ROUTER_TO_WORKER = (Registered, Allocate, Prefill, Free, Shutdown, HeartbeatAck, PeerDead)

@@ -5,9 +5,9 @@
        └── failover: a worker died or failed the request; Free what is left, queue again with
            token_ids = prompt + output so far and output_index = len(output)
 
-A request is keyed on the workers by ``rid`` (router-made, unique) and towards its client by
-(client routing id, ``client_rid``). ``transfer_id`` changes on every attempt, so late messages
-of an earlier attempt are recognised and dropped.
+Towards its client a request is keyed by (client routing id, ``client_rid``). Each attempt has
+its own ``transfer_id`` (``<rid>.<attempt>``), which is also the rid the workers see: a worker
+never meets a request id twice, and late messages of an earlier attempt match nothing.
 """
 from __future__ import annotations
 

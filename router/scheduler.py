@@ -2,7 +2,8 @@
 
 Single-threaded (the router's event loop). Messages leave through an ``Outbox`` (the router's
 sockets). Invariants:
-- a request is in ``waiting`` iff its state is QUEUED; ``requests`` holds every live request;
+- a request is in ``waiting`` iff its state is QUEUED; ``requests`` holds every live request,
+  ``attempts`` every one placed on workers (by its current ``transfer_id``, the workers' rid);
 - a worker's ``reserved_blocks`` / ``outstanding_tokens`` are the sums of ``num_blocks`` /
   ``prefill_tokens`` of the live requests counted against it (released exactly once);
 - every worker that may hold state for a request (``decode_holds`` / ``prefill_holds``) gets a
@@ -14,19 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import deque
 from typing import Protocol
 
 from kvtransfer.allocator import block_hashes
 from router import protocol as P
+from router.admission import Admission, Rejected
 from router.config import RouterConfig
 from router.model_info import ModelInfo
-from router.output import OutputProcessor
 from router.policy import blocks_needed, pick_decode, pick_prefill
 from router.request import Request, State
-from router.validation import InvalidRequest, validate_generate, validate_rid
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
@@ -51,47 +50,24 @@ class RequestScheduler:
         self.model = model
         self.waiting: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
+        self.attempts: dict[str, Request] = {}  # by transfer_id, the rid workers know the attempt by
         self.by_client: dict[bytes, dict[str, Request]] = {}
+        self.admission = Admission(config, registry)
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
         self.unserveable_since: float | None = time.monotonic()
-        self._rid_prefix = secrets.token_hex(3)
-        self._next_id = 0
 
     # -- clients ---------------------------------------------------------------------------
     def submit(self, client: bytes, msg: P.Generate) -> None:
-        """Validate and queue a Generate; every refusal is answered with an Error."""
+        """Admit and queue a Generate; every refusal is answered with an Error."""
         try:
-            validate_rid(msg.rid)
-        except InvalidRequest as exc:
+            req = self.admission.admit(client, msg, self.model, len(self.waiting),
+                                       self.by_client.get(client, {}))
+        except Rejected as exc:
             self.counters["rejected"] += 1
-            self.outbox.error(client, msg.rid if isinstance(msg.rid, str) else "", P.ERR_INVALID, str(exc))
+            self.outbox.error(client, exc.client_rid, exc.code, exc.message)
             return
-        mine = self.by_client.get(client)
-        if mine is not None and msg.rid in mine:
-            return self._reject(client, msg.rid, P.ERR_INVALID,
-                                f"request id {msg.rid!r} is already in use on this connection")
-        if self.model is None:
-            return self._reject(client, msg.rid, P.ERR_UNAVAILABLE,
-                                "no worker has registered yet, so the model is unknown; retry shortly")
-        if len(self.waiting) >= self.config.max_queue:
-            return self._reject(client, msg.rid, P.ERR_OVERLOADED,
-                                f"{len(self.waiting)} requests are already waiting (the limit); retry later")
-        max_len = min(self.model.max_model_len, self.registry.max_model_len() or self.model.max_model_len)
-        try:
-            spec = validate_generate(msg, self.model, max_len)
-            self._check_fits(spec, max_len)
-        except InvalidRequest as exc:
-            return self._reject(client, msg.rid, P.ERR_INVALID, str(exc))
-        now = time.monotonic()
-        self._next_id += 1
-        stop_ids = set(spec.sampling["stop_token_ids"])
-        if not spec.sampling["ignore_eos"]:
-            stop_ids.update(self.model.eos_token_ids)
-        req = Request(rid=f"{self._rid_prefix}-{self._next_id}", client=client, client_rid=msg.rid,
-                      spec=spec, output=OutputProcessor(self.model.tokenizer, spec.prompt_ids, spec.stop),
-                      stop_ids=frozenset(stop_ids), arrival=now, queued_at=now)
-        if spec.timeout_s is not None:
-            req.deadline = asyncio.get_running_loop().call_later(spec.timeout_s, self._expire, req)
+        if req.spec.timeout_s is not None:
+            req.deadline = asyncio.get_running_loop().call_later(req.spec.timeout_s, self._expire, req)
         self.requests[req.rid] = req
         self.by_client.setdefault(client, {})[msg.rid] = req
         self.waiting.append(req)
@@ -106,19 +82,6 @@ class RequestScheduler:
         """The client's connection dropped: abort its requests without answering."""
         for req in list(self.by_client.get(client, {}).values()):
             self._finish(req, P.FINISH_ABORT, [], "", notify=False)
-
-    def _reject(self, client: bytes, client_rid: str, code: str, message: str) -> None:
-        self.counters["rejected"] += 1
-        self.outbox.error(client, client_rid, code, message)
-
-    def _check_fits(self, spec, max_len: int) -> None:
-        largest = self.registry.max_decode_blocks()
-        if largest and self.registry.kv_spec is not None:
-            need = blocks_needed(len(spec.prompt_ids), spec.max_tokens, 0, max_len,
-                                 self.registry.kv_spec.block_size)
-            if need > largest:
-                raise InvalidRequest(f"the prompt and max_tokens need {need} KV blocks but the largest "
-                                     f"decode worker holds {largest}; lower max_tokens or shorten the prompt")
 
     # -- dispatch --------------------------------------------------------------------------
     def schedule(self) -> None:
@@ -161,13 +124,15 @@ class RequestScheduler:
         prefill.outstanding_tokens += len(context)
         prefill.num_prefilling += 1
         req.decode_holds = True
-        self.outbox.to_worker(decode, P.Allocate(req.rid, req.transfer_id, context, req.spec.sampling,
-                                                 len(req.output_ids), transport))
+        self.attempts[req.transfer_id] = req
+        writer = "" if prefill is decode else prefill.worker_id
+        self.outbox.to_worker(decode, P.Allocate(req.transfer_id, req.transfer_id, context, req.spec.sampling,
+                                                 len(req.output_ids), transport, writer))
         return True
 
     # -- worker events ---------------------------------------------------------------------
     def _current(self, rid, transfer_id, worker: WorkerRecord, role: str) -> Request | None:
-        req = self.requests.get(rid)
+        req = self.attempts.get(rid)
         if req is None or req.transfer_id != transfer_id or getattr(req, role) is not worker:
             return None
         return req
@@ -188,7 +153,7 @@ class RequestScheduler:
         if req.prefill is not worker:
             req.prefill.prefix.add(req.prompt_hashes)
         context = req.context_ids
-        self.outbox.to_worker(req.prefill, P.Prefill(req.rid, req.transfer_id, context, req.spec.sampling,
+        self.outbox.to_worker(req.prefill, P.Prefill(req.transfer_id, req.transfer_id, context, req.spec.sampling,
                                                      msg.dest, len(req.output_ids)))
 
     def on_started(self, worker: WorkerRecord, msg: P.Started) -> None:
@@ -201,6 +166,7 @@ class RequestScheduler:
         if req is None or req.state is not State.PREFILLING:
             return
         self._release_prefill(req)
+        worker.num_prefilled += 1
         req.prefill_holds = False
         req.got_first = True
         req.state = State.DECODING
@@ -217,12 +183,12 @@ class RequestScheduler:
                 return
 
     def on_tokens(self, worker: WorkerRecord, msg: P.Tokens) -> None:
-        requests = self.requests
+        attempts = self.attempts
         for item in msg.items:
             if not isinstance(item, list) or len(item) != 4:
                 continue
             rid, token_id, _, reason = item
-            req = requests.get(rid)
+            req = attempts.get(rid)
             if req is None or req.decode is not worker or not req.started:
                 continue  # finished, moved elsewhere, or a late token of an earlier attempt
             if not isinstance(token_id, int):
@@ -236,7 +202,7 @@ class RequestScheduler:
                 req.early.append((token_id, reason))
 
     def on_worker_error(self, worker: WorkerRecord, msg: P.WorkerError) -> None:
-        req = self.requests.get(msg.rid)
+        req = self.attempts.get(msg.rid)
         if req is None or worker not in (req.decode, req.prefill):
             return
         if msg.transfer_id and msg.transfer_id != req.transfer_id:
@@ -246,6 +212,10 @@ class RequestScheduler:
 
     def on_worker_dead(self, worker: WorkerRecord) -> None:
         """Every request that needed the dead worker starts over elsewhere (failover)."""
+        if worker.role == "prefill":
+            for decode in self.registry.alive():
+                if decode.role == "decode":
+                    self.outbox.to_worker(decode, P.PeerDead(worker.worker_id))
         for req in list(self.requests.values()):
             if req.decode is worker or (req.prefill is worker and req.prefill_holds):
                 if req.decode is worker:
@@ -301,6 +271,7 @@ class RequestScheduler:
         if req.deadline is not None:
             req.deadline.cancel()
         del self.requests[req.rid]
+        self.attempts.pop(req.transfer_id, None)
         mine = self.by_client.get(req.client)
         if mine is not None:
             mine.pop(req.client_rid, None)
@@ -308,6 +279,8 @@ class RequestScheduler:
                 del self.by_client[req.client]
         counter = "failed" if error else ("aborted" if reason == P.FINISH_ABORT else "finished")
         self.counters[counter] += 1
+        if counter == "finished" and req.decode is not None:
+            req.decode.num_decoded += 1
         if notify:
             if error is not None:
                 self.outbox.error(req.client, req.client_rid, *error)
@@ -337,6 +310,7 @@ class RequestScheduler:
     def _requeue(self, req: Request) -> None:
         """Back to the front of the queue, keeping the output produced so far."""
         self._release(req)
+        self.attempts.pop(req.transfer_id, None)
         req.state = State.QUEUED
         req.decode = req.prefill = None
         req.started = req.got_first = False
@@ -346,10 +320,10 @@ class RequestScheduler:
 
     def _free_on_workers(self, req: Request) -> None:
         if req.decode_holds and req.decode is not None and req.decode.alive:
-            self.outbox.to_worker(req.decode, P.Free(req.rid))
+            self.outbox.to_worker(req.decode, P.Free(req.transfer_id))
         if (req.prefill_holds and req.prefill is not None and req.prefill.alive
                 and not (req.decode_holds and req.prefill is req.decode)):
-            self.outbox.to_worker(req.prefill, P.Free(req.rid))
+            self.outbox.to_worker(req.prefill, P.Free(req.transfer_id))
         req.decode_holds = req.prefill_holds = False
 
     def _release_prefill(self, req: Request) -> None:

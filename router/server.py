@@ -116,8 +116,9 @@ class Router:
                 self.to_worker(worker, P.Shutdown("the router is shutting down"))
         if self._tick_task is not None:
             self._tick_task.cancel()
-        self._frontend.close()
-        self._backend.close()
+        # Let the last errors and Shutdowns reach their peers before the sockets go.
+        self._frontend.close(linger_ms=500)
+        self._backend.close(linger_ms=2000 if stop_workers else 0)
         self._frontend = self._backend = None
         self._stop_auth()
         self._ctx.term()
@@ -263,6 +264,7 @@ class Router:
                 "running": stats.get("running", 0),
                 "queued": stats.get("waiting", stats.get("reserved", 0)),
                 "assigned": w.num_decoding + w.num_prefilling,
+                "num_prefilled": w.num_prefilled, "num_decoded": w.num_decoded,
                 "pid": w.info.get("pid"), "host": w.info.get("host"), "stats": stats,
             })
         return {"router": {"uptime_s": round(time.monotonic() - self.started_at, 3),

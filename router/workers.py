@@ -52,6 +52,8 @@ class WorkerRecord:
     outstanding_tokens: int = 0     # prompt tokens sent here for prefill, not yet done
     num_prefilling: int = 0
     is_full: bool = False           # refused an Allocate; cleared by a heartbeat or a free
+    num_prefilled: int = 0          # first tokens it produced (prefill or colocated)
+    num_decoded: int = 0            # requests that finished with it as their decode worker
     prefix: PrefixIndex = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:

@@ -16,7 +16,6 @@ import asyncio
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +23,12 @@ from router.bench.arrivals import LoadShape
 from router.bench.metrics import SLO, error_counts, latency_samples_ms, summarize
 from router.bench.report import (ConfigResult, PlotUnavailable, ProgressBar, check_plot_available,
                                  format_table, plot_results, results_json, write_json)
+from router.bench.runner import reported_vocab_size, run_event_loop, run_load, warm_up
 from router.bench.spawn import ClusterSpec, parse_cluster_specs, spawned_cluster
 from router.bench.sweep import SweepConfig, find_max_rate
 from router.bench.workload import BenchRequest, WorkloadConfig, build_workload
-from router.config import default_endpoint
+from router.client import AsyncClient, ServerError
+from router.config import KV_TRANSPORTS, default_endpoint
 
 CONNECT_TIMEOUT_S = 30.0
 
@@ -41,10 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start a local cluster for each configuration in turn and compare them: "
                              "disagg:<P>p<D>d or colocated:<N> (e.g. disagg:1p1d colocated:2)")
     target.add_argument("--model", help="model directory for --spawn (default: the built-in demo model)")
-    target.add_argument("--kv-transport", choices=["auto", "zmq", "shm", "nixl"], default="auto",
+    target.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                         help="KV transport of spawned disaggregated clusters (default: auto)")
-    target.add_argument("--request-timeout", type=float, metavar="S",
-                        help="fail a request that gets no answer for S seconds (default: wait)")
+    target.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each spawned worker (default: 1)")
+    target.add_argument("--timeout", type=float, metavar="S",
+                        help="fail a request when nothing arrives for it for S seconds (default: wait)")
+    target.add_argument("--curve-dir", help="CurveZMQ key directory (pdserve keys) of a remote server")
 
     load = parser.add_argument_group("load")
     load.add_argument("--num-prompts", type=int, default=200, help="measured requests per run (default: 200)")
@@ -102,7 +105,8 @@ class BenchSettings:
     seed: int
     sampling: dict
     vocab_size: int | None
-    request_timeout: float | None
+    timeout: float | None
+    curve_dir: str | None
     progress: bool
 
     @classmethod
@@ -115,8 +119,8 @@ class BenchSettings:
             raise ValueError("--num-warmups and --seed must be integers >= 0")
         if not args.temperature >= 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.request_timeout is not None and not args.request_timeout > 0:
-            raise ValueError(f"--request-timeout must be a positive number of seconds, got {args.request_timeout}")
+        if args.timeout is not None and not args.timeout > 0:
+            raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         shape = LoadShape(args.request_rate, args.burstiness, args.max_concurrency)
         sweep = None
         if args.sweep_rate:
@@ -128,7 +132,7 @@ class BenchSettings:
                    slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms), sweep=sweep,
                    num_prompts=args.num_prompts, num_warmups=args.num_warmups, seed=args.seed,
                    sampling={"temperature": args.temperature, "ignore_eos": args.ignore_eos},
-                   vocab_size=args.vocab_size, request_timeout=args.request_timeout,
+                   vocab_size=args.vocab_size, timeout=args.timeout, curve_dir=args.curve_dir,
                    progress=not args.no_progress and sys.stderr.isatty())
 
     def params(self) -> dict:
@@ -152,19 +156,20 @@ def _log(message: str) -> None:
 
 async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> ConfigResult:
     """Warm up and measure one server (one run, or a rate sweep). Raises BenchError."""
-    from router.bench.runner import run_load, server_vocab_size, warm_up
-    from router.client import AsyncClient
-
-    async with AsyncClient(endpoint, timeout=settings.request_timeout) as client:
+    async with AsyncClient(endpoint, timeout=settings.timeout, curve=settings.curve_dir) as client:
         try:
-            reported = await asyncio.wait_for(server_vocab_size(client), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
+            status = await asyncio.wait_for(client.status(), CONNECT_TIMEOUT_S)
+        except TimeoutError:  # asyncio's and the client's
             raise BenchError(f"no answer from {endpoint} within {CONNECT_TIMEOUT_S:g} s: is a "
-                             f"pdserve server listening there?") from None
+                             f"pdserve server listening there? (start one with `pdserve serve`)") from None
+        except ServerError as exc:
+            raise BenchError(f"{endpoint} did not answer the status request: {exc}") from None
+        reported = reported_vocab_size(status)
         vocab_size = settings.vocab_size or reported
         if settings.vocab_size and reported and settings.vocab_size > reported:
             raise ValueError(f"--vocab-size {settings.vocab_size} exceeds the served model's "
                              f"vocabulary of {reported}; leave it out or lower it")
+        model = status.get("router", {}).get("model")
         n, num_warmups = settings.num_prompts, settings.num_warmups
         requests = build_workload(settings.workload, n + num_warmups, vocab_size, settings.seed)
         warmups = await warm_up(client, requests[n:], settings.shape, settings.sampling)
@@ -178,7 +183,8 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
                                     on_done=lambda record: bar.update(not record.ok))
             bar.close()
             summary = summarize(result.records, result.duration_s, settings.slo)
-            summary.update(request_rate=rate, vocab_size=vocab_size, errors=error_counts(result.records))
+            summary.update(request_rate=rate, model=model, vocab_size=vocab_size,
+                           errors=error_counts(result.records))
             return summary, latency_samples_ms(result.records)
 
         if settings.sweep is None:
@@ -204,14 +210,10 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
 
 def _bench_all(args: argparse.Namespace, settings: BenchSettings,
                specs: list[ClusterSpec]) -> list[ConfigResult]:
-    from router.bench.runner import run_event_loop
-
     if not specs:
         return [run_event_loop(bench_endpoint(args.endpoint, args.endpoint, settings))]
     results = []
-    options = {"kv_transport": args.kv_transport}
-    if args.model:
-        options["model"] = args.model
+    options = {"model": args.model, "kv_transport": args.kv_transport, "tp": args.tp}
     for spec in specs:
         _log(f"[{spec.name}] starting the cluster ...")
         with spawned_cluster(spec, **options) as endpoint:
@@ -234,8 +236,9 @@ def run(args: argparse.Namespace) -> int:
                              "local clusters), not both")
         if not specs and not args.endpoint:
             args.endpoint = default_endpoint("client")
-        if args.model and not specs:
-            raise ValueError("--model applies to --spawn; a running server already has its model")
+        if not specs and (args.model or args.tp != 1 or args.kv_transport != "auto"):
+            raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "
+                             "already has its own")
         _check_output_path("--json", args.json)
         _check_output_path("--plot", args.plot)
         if args.plot:
@@ -262,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
             _log(f"[{result.name}] {count} request(s) failed: {message}")
     if args.json:
         params = {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                  **({"spawn": [s.name for s in specs], "model": args.model} if specs
+                  **({"spawn": [s.name for s in specs], "tp": args.tp, "kv_transport": args.kv_transport} if specs
                      else {"endpoint": args.endpoint}), **settings.params()}
         write_json(args.json, results_json(params, results, compare=bool(specs)))
     if args.plot:

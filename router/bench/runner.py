@@ -105,11 +105,10 @@ async def warm_up(client: AsyncClient, requests: list[BenchRequest], shape: Load
     return result.records
 
 
-async def server_vocab_size(client: AsyncClient) -> int | None:
-    """The served model's vocabulary size if the server's status reports it, else None."""
-    status = await client.status()
-    candidates = [status] + [value for value in status.values() if isinstance(value, dict)]
-    for place in candidates:
+def reported_vocab_size(status: dict) -> int | None:
+    """The served model's vocabulary size if a status reply reports it (at the top level or one
+    level down, e.g. ``status["router"]["vocab_size"]``), else None."""
+    for place in [status] + [value for value in status.values() if isinstance(value, dict)]:
         value = place.get("vocab_size")
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value

@@ -64,13 +64,15 @@ def parse_cluster_specs(texts: list[str]) -> list[ClusterSpec]:
 @contextmanager
 def spawned_cluster(spec: ClusterSpec, **options) -> Iterator[str]:
     """Start the local cluster of ``spec`` (router and workers as separate processes) and yield
-    its client endpoint; everything is stopped on exit. ``options`` are the launcher's other
-    settings (model directory, KV transport, ...)."""
+    its client endpoint; everything is stopped on exit. ``options`` are ``LocalCluster``'s other
+    settings (``model``, ``kv_transport``, ``tp``, ...). Raises ClusterError when it cannot start."""
     from router.launcher import LocalCluster  # the launcher pulls in process management only here
 
     if spec.mode == "disagg":
         layout = dict(num_prefill=spec.num_prefill, num_decode=spec.num_decode)
     else:
         layout = dict(num_workers=spec.num_workers)
-    with LocalCluster(mode=spec.mode, **layout, **options) as cluster:
+    # The router gets its own process: in this one it would share the interpreter (and its
+    # lock) with the load generator, and each would slow the other down.
+    with LocalCluster(mode=spec.mode, **layout, router_in_process=False, **options) as cluster:
         yield cluster.endpoint

@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from router.client import AsyncClient
-from tests.e2e.helpers import greedy_reference, serve
+from router.client import AsyncClient, Client
+from tests.e2e.helpers import greedy_reference, serve, wait_all_blocks_free
 from tests.router.helpers import demo_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -47,6 +47,11 @@ def test_greedy_outputs_equal_transformers(name, tiny_model, tmp_path):
     requests = [{"prompt": t} for t in TEXTS] + [{"prompt_token_ids": p} for p in ids[len(TEXTS):]]
     with serve(tmp_path, "--model", str(tiny_model), "--num-kv-blocks", "256", *CONFIGS[name]) as (ep, _):
         results = asyncio.run(run_all(ep, requests, max_tokens=MAX_TOKENS, temperature=0))
+        if "--kv-transport" in CONFIGS[name]:
+            transport = CONFIGS[name][CONFIGS[name].index("--kv-transport") + 1]
+            with Client(ep, timeout=30) as client:
+                (decode,) = [w for w in wait_all_blocks_free(client) if w["role"] == "decode"]
+            assert set(decode["stats"]["kv_by_transport"]) == {transport}
     tok = demo_tokenizer()
     for req, prompt, want, got in zip(requests, ids, expected, results):
         assert got.token_ids == want, req

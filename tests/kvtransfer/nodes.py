@@ -1,8 +1,11 @@
-"""Test harness: KV senders and receivers, each in its own spawned process.
+"""Test harness: KV senders and receivers, each in its own process.
 
 A ``Node`` starts a process that builds a ``DecodeNode`` or ``PrefillNode`` and then serves
-method calls sent over a pipe. Pools hold deterministic random KV so the test process can
-compute every expected value itself; pool contents come back as raw bits (bit-exact checks).
+method calls sent over a pipe. Processes come from a forkserver that has imported this module
+(and so torch, zmq and nixl) once, which saves seconds per process on a small machine; each is
+still a separate process with its own memory, sockets and NIXL agent. Pools hold deterministic
+random KV so the test process can compute every expected value itself; pool contents come back
+as raw bits (bit-exact checks).
 """
 from __future__ import annotations
 
@@ -116,8 +119,11 @@ class DecodeNode:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
 
-    def touch_pool(self) -> None:
+    def reset_peak_rss(self) -> None:
+        """Touch every pool page, then restart the peak-RSS count from the current RSS."""
         self.pool.kv.add_(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
 
     def describe_variant(self, backend: str, nixl: bool, endpoint: str, ctrl: str) -> dict:
         """The receiver entry a decode rank with another pool backend / nixl setting would publish."""
@@ -201,15 +207,22 @@ def _serve(conn, cls, kwargs) -> None:
             conn.send(("ok", result))
         except BaseException:
             conn.send(("err", traceback.format_exc()))
-        if method == "close":
-            return
+        if method == "close":  # everything is released; skip the slow interpreter teardown
+            conn.close()
+            os._exit(0)
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return ctx
 
 
 class Node:
     """The test's handle on one node process."""
 
     def __init__(self, cls, timeout_s: float = 120.0, **kwargs):
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self._conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_serve, args=(child, cls, kwargs), daemon=True)
         self.proc.start()
@@ -224,9 +237,9 @@ class Node:
     def pid(self) -> int:
         return self.proc.pid
 
-    def call(self, method: str, *args, timeout_s: float = 60.0, **kwargs):
+    def call(self, method: str, *args, rpc_timeout_s: float = 60.0, **kwargs):
         self._conn.send((method, args, kwargs))
-        return self._result(timeout_s, method)
+        return self._result(rpc_timeout_s, method)
 
     def _result(self, timeout_s: float, what: str):
         if not self._conn.poll(timeout_s):
@@ -248,7 +261,7 @@ class Node:
     def close(self) -> None:
         try:
             if self.proc.is_alive():
-                self.call("close", timeout_s=20)
+                self.call("close", rpc_timeout_s=20)
         except Exception:
             pass
         finally:

@@ -14,10 +14,12 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
 from kvtransfer.negotiate import choose_transport
 from kvtransfer.nixl_transport import nixl_available
 from kvtransfer.spec import KVSpec
+from kvtransfer.wire import pack
 from tests.kvtransfer.nodes import SHM_PREFIX, DecodeNode, Node, PrefillNode, bits, global_kv, remove_shm_files
 
 pytestmark = pytest.mark.slow
@@ -76,6 +78,15 @@ def expected_after(before: np.ndarray, src: list[int], dst: list[int]) -> np.nda
     return expected
 
 
+def wait_sent(prefill) -> None:
+    """Until the prefill node's sender has moved some bytes (its queued layers are under way)."""
+    for _ in range(1000):
+        if prefill.call("stats")["bytes_sent"] > 0:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the sender never sent anything")
+
+
 def send_whole(prefill, dest, src, token=7, logprob=-0.25):
     tid = dest["transfer_id"]
     prefill.call("start", dest, src)
@@ -87,11 +98,13 @@ def send_whole(prefill, dest, src, token=7, logprob=-0.25):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_lands_bit_exact_in_scattered_blocks(transport, decode, prefill):
     tid = f"exact-{transport}"
-    decode.call("order_free_list", [30, 31, 32, 5, 17, 18, 2, 40, 41, 42])
+    decode.call("order_free_list", [30, 31, 32, 5, 17, 18, 2, 40, 41, 42, 7, 8])
     before = decode.call("pool_bits")
-    dest = decode.call("reserve", tid, 38, transport=transport, writer="P-main")
-    dst = dest["ranks"][0]["block_ids"]
-    assert dst == [30, 31, 32, 5, 17, 18, 2, 40, 41, 42]
+    # Decode reserves for the whole sequence (12 blocks); the 38-token prompt fills the first 10.
+    dest = decode.call("reserve", tid, 48, transport=transport, writer="P-main")
+    reserved = dest["ranks"][0]["block_ids"]
+    assert reserved == [30, 31, 32, 5, 17, 18, 2, 40, 41, 42, 7, 8]
+    dst = reserved[:10]
     src = [10, 11, 12, 3, 20, 21, 8, 0, 1, 2]
     prefill.call("start", dest, src, 38)
     for start, stop in ((0, 14), (14, 38)):  # a chunked prefill, layer by layer per chunk
@@ -99,9 +112,9 @@ def test_lands_bit_exact_in_scattered_blocks(transport, decode, prefill):
             prefill.call("send", tid, [layer], start, stop)
     prefill.call("finish", tid, 11, -0.5)
     assert prefill.call("wait", tid) is None
-    assert decode.call("events", use_async=transport == "zmq") == [("done", tid, dst, 11, -0.5)]
+    assert decode.call("events", use_async=transport == "zmq") == [("done", tid, reserved, 11, -0.5)]
     np.testing.assert_array_equal(decode.call("pool_bits"), expected_after(before, src, dst))
-    decode.call("free", dst)
+    decode.call("free", reserved)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -110,7 +123,10 @@ def test_abort_quarantines_until_no_writer_is_left(transport, decode, prefill):
     dest = decode.call("reserve", tid, 20, transport=transport, writer="P-main")
     dst = dest["ranks"][0]["block_ids"]
     prefill.call("start", dest, [0, 1, 2, 3, 4])
+    sent_before = prefill.call("stats")["bytes_sent"]
     prefill.call("send", tid, [0])
+    while prefill.call("stats")["bytes_sent"] == sent_before:  # layer 0 is written
+        time.sleep(0.01)
     assert decode.call("abort", tid)
     if transport == "zmq":
         # The rank's own thread is the only writer: closing the transfer there releases it.
@@ -191,10 +207,7 @@ def test_killed_sender_leaks_and_corrupts_nothing(transport, decode, prefill):
         a_dst, b_dst = a["ranks"][0]["block_ids"], b["ranks"][0]["block_ids"]
         victim.call("start", a, [0, 1, 2, 3, 4, 5])
         victim.call("send", a["transfer_id"], [0, 1])
-        for _ in range(500):
-            if victim.call("stats")["bytes_sent"] > 0:
-                break
-            time.sleep(0.01)
+        wait_sent(victim)
         assert send_whole(prefill, b, [12, 13, 14, 15]) is None
         assert decode.call("events")[0][:2] == ("done", b["transfer_id"])
         before = decode.call("pool_bits")
@@ -212,6 +225,34 @@ def test_killed_sender_leaks_and_corrupts_nothing(transport, decode, prefill):
         decode.call("free", b_dst)
     finally:
         victim.kill()
+
+
+def test_malformed_messages_change_nothing(decode):
+    dest = decode.call("reserve", "hostile", 8, transport="zmq")
+    blocks = dest["ranks"][0]["block_ids"]
+    outside = next(b for b in range(NUM_BLOCKS) if b not in blocks)
+    before = decode.call("pool_bits")
+    dropped = decode.call("stats")["recv"]["malformed_dropped"]
+    frame = bytes(4 * 2 * 8 * 2)  # one block of one layer's K (or V) on this rank
+    header = dict(x="hostile", s="rogue", p=0, pt=1, l=0, h=[0, 2])
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(dest["ranks"][0]["endpoint"])
+    try:
+        for parts in ([b"\xc1 not msgpack"],
+                      [pack("kv", **header, segs=[[[outside, 1]]]), frame, frame],  # not its block
+                      [pack("kv", **header, segs=[[[blocks[0], 1]]]), frame[:10], frame],  # short frame
+                      [pack("kv", **{**header, "l": 3}, segs=[[[blocks[0], 1]]]), frame, frame],  # no layer 3
+                      [pack("kv", **{**header, "pt": 3}, segs=[[[blocks[0], 1]]]), frame, frame]):  # bad TP
+            sock.send_multipart(parts)
+        for _ in range(1000):
+            if decode.call("stats")["recv"]["malformed_dropped"] == dropped + 5:
+                break
+            time.sleep(0.01)
+        assert decode.call("stats")["recv"]["malformed_dropped"] == dropped + 5
+    finally:
+        sock.close(linger=0)
+    np.testing.assert_array_equal(decode.call("pool_bits"), before)
+    assert decode.call("abort", "hostile")
 
 
 def test_auto_negotiation_picks_the_fastest_common_transport(decode, prefill, run_dir):
@@ -238,7 +279,7 @@ def test_stalled_receiver_keeps_memory_bounded(run_dir):
                    sender_config={"max_message_bytes": message, "sndhwm": 2})
     try:
         decode.call("wait_ready")
-        decode.call("touch_pool")
+        decode.call("reset_peak_rss")
         base_rss_kb = decode.call("peak_rss_kb")
         dest = decode.call("reserve", "slow", num_blocks * 16)
         decode.signal(signal.SIGSTOP)
@@ -255,10 +296,10 @@ def test_stalled_receiver_keeps_memory_bounded(run_dir):
         decode.signal(signal.SIGCONT)
         assert prefill.call("wait", "slow") is None
         assert decode.call("events")[0][:2] == ("done", "slow")
-        dst = dest["ranks"][0]["block_ids"]
-        assert decode.call("blocks_digest", dst) == prefill.call("blocks_digest", list(range(num_blocks)))
         growth = (decode.call("peak_rss_kb") - base_rss_kb) * 1024
         assert growth < total // 4, f"the receiver grew by {growth} bytes for a {total}-byte transfer"
+        dst = dest["ranks"][0]["block_ids"]
+        assert decode.call("blocks_digest", dst) == prefill.call("blocks_digest", list(range(num_blocks)))
     finally:
         prefill.close()
         decode.kill()

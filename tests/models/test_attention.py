@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from models.attention import PagedAttention
+from models.attention import GatherWorkspace, PagedAttention
 from models.batch import SequenceChunk, build_step_batch
 from models.sampler import SamplingParams
 
@@ -28,7 +28,7 @@ def dense_reference(q, k, v, window=None):
     return out
 
 
-def run_step(specs, window=None, seed=0):
+def run_step(specs, window=None, seed=0, workspace=None):
     """specs: (context_len, num_new) per sequence. Fills the pool with each sequence's
     cached K/V, runs one step over the new tokens, returns (out, expected) per sequence."""
     gen = torch.Generator().manual_seed(seed)
@@ -49,7 +49,8 @@ def run_step(specs, window=None, seed=0):
                                     SamplingParams(temperature=0)))
         full.append((q_new, k_all, v_all))
     batch = build_step_batch(chunks, block_size=BS, num_blocks=NUM_BLOCKS, max_model_len=64,
-                             vocab_size=100, device=torch.device("cpu"), sliding_window=window)
+                             vocab_size=100, device=torch.device("cpu"), sliding_window=window,
+                             workspace=workspace)
     q = torch.cat([full[i][0] for i in batch.order])
     k = torch.cat([full[i][1][-len(chunks[i].token_ids):] for i in batch.order])
     v = torch.cat([full[i][2][-len(chunks[i].token_ids):] for i in batch.order])
@@ -76,6 +77,13 @@ def run_step(specs, window=None, seed=0):
 def test_paged_attention_matches_dense(specs):
     for out, expected in run_step(specs):
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_workspace_serves_steps_of_growing_and_shrinking_size():
+    workspace = GatherWorkspace()
+    for seed, specs in enumerate([[(3, 1)], [(10, 1), (17, 1)], [(11, 5), (6, 1)], [(2, 1)]]):
+        for out, expected in run_step(specs, seed=seed, workspace=workspace):
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_sliding_window_masks_old_keys():
@@ -107,6 +115,7 @@ def test_layout_puts_prefills_first_and_keeps_caller_order():
     (SequenceChunk([1], -1, [0]), "num_cached"),
     (SequenceChunk([1], 63, [0] * 16), "past the maximum model length 32"),
     (SequenceChunk([10], 0, [0]), "token id 10 is outside the vocabulary"),
+    (SequenceChunk(["a"], 0, [0]), "token ids must be integers"),
     (SequenceChunk([1], 0, [0], sampling={"temperature": 0}), "SamplingParams"),
 ])
 def test_bad_chunks_are_rejected(chunk, message):

@@ -10,7 +10,7 @@ from router.server import _chunk_packer, _rid_of
 def test_round_trip_of_every_message_type():
     msgs = [P.Generate("r", "hi", None, {"max_tokens": 2}, False, 1.5), P.Cancel("r"),
             P.Chunk("r", [1, 2], "ab", P.FINISH_STOP, 3), P.Error("r", P.ERR_INVALID, "bad"),
-            P.Allocate("r", "t", [1], {"seed": 1}, 2, "shm"), P.HeartbeatAck("w", False),
+            P.Allocate("r", "t", [1], {"seed": 1}, 2, "shm", "p0"), P.HeartbeatAck("w", False), P.PeerDead("p0"),
             P.FirstToken("r", "t", 5, -0.5, None), P.Tokens("w", 3, [["r", 1, -0.1, None]])]
     for msg in msgs:
         assert P.decode(P.encode(msg)) == msg

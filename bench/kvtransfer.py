@@ -1,0 +1,244 @@
+"""KV transport benchmark: bandwidth of each transport next to this machine's memcpy, and the
+time to first token with layer-wise streaming versus sending after prefill.
+
+    python bench/kvtransfer.py --json kvtransfer.json
+
+Model: Qwen2.5-0.5B-like KV (24 layers, 2 kv heads, head_dim 64, bfloat16, blocks of 16
+tokens): 12 KiB per token, 24 MiB for one 2,048-token request, 768 MiB for 32 of them. The
+decode side (coordinator, receiver, shared-memory pool, NIXL agent) runs in its own process;
+the prefill side (pool, sender) in this one. A transfer's time runs from the first ``start`` to
+the decode side's ``TransferDone`` for the last request (CLOCK_MONOTONIC is shared by both).
+
+Layer-wise: a prefill of 24 layers, each a real matmul workload calibrated to ``--layer-ms``,
+with ``send_layer`` after each layer ("layerwise") or ``send_all`` after the last ("after
+prefill"); TTFT is from prefill start until the decode side holds the KV and the first token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kvtransfer.allocator import BlockAllocator  # noqa: E402
+from kvtransfer.coordinator import KVCoordinator  # noqa: E402
+from kvtransfer.nixl_transport import nixl_available  # noqa: E402
+from kvtransfer.pool import KVPool  # noqa: E402
+from kvtransfer.receiver import KVReceiver  # noqa: E402
+from kvtransfer.sender import KVSender  # noqa: E402
+from kvtransfer.spec import KVSpec  # noqa: E402
+from kvtransfer.transport import TransferDone  # noqa: E402
+
+SPEC = KVSpec(num_layers=24, num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
+TOKENS = 2048
+BLOCKS_PER_REQUEST = TOKENS // SPEC.block_size
+REQUEST_BYTES = BLOCKS_PER_REQUEST * SPEC.block_bytes()
+
+
+def memcpy_gbps(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Large tensor copy_ on this machine (read + write of ``nbytes`` counted as nbytes)."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros_like(src)
+    dst.copy_(src)  # fault the pages in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def decode_main(conn, num_blocks: int, run_dir: str) -> None:
+    """The decode process: answers ("reserve", n, transport) and ("wait", n) from the bench."""
+    torch.set_num_threads(1)
+    pool = KVPool(SPEC, num_blocks, backend="shm")
+    pool.kv.fill_(0)  # fault the shared pages in before timing
+    allocator = BlockAllocator(num_blocks, SPEC.block_size)
+    coord = KVCoordinator(allocator, endpoint=f"ipc://{run_dir}/ctrl")
+    receiver = KVReceiver(pool, endpoint=f"ipc://{run_dir}/kv", coordinator=coord.endpoint,
+                          nixl=nixl_available())
+    coord.wait_ready()
+    conn.send(coord.describe()["capabilities"]["transports"])
+    serial = 0
+    while True:
+        command = conn.recv()
+        if command[0] == "reserve":
+            _, count, transport = command
+            dests = []
+            for _ in range(count):
+                serial += 1
+                dests.append(coord.reserve(f"bench-{serial}", TOKENS, transport=transport))
+            conn.send(dests)
+        elif command[0] == "wait":
+            pending, failures, last = command[1], [], 0.0
+            while pending:
+                for event in coord.poll(60.0):
+                    last = time.monotonic()
+                    pending -= 1
+                    if isinstance(event, TransferDone):
+                        allocator.free(event.block_ids)
+                    else:
+                        failures.append(event.reason)
+            coord.poll(0.05)  # let aborted reservations leave quarantine
+            conn.send((last, failures))
+        else:
+            break
+    receiver.close()
+    coord.close()
+    pool.close()
+    conn.send("closed")
+
+
+class DecodeProcess:
+    def __init__(self, num_blocks: int, run_dir: str):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=decode_main, args=(child, num_blocks, run_dir), daemon=True)
+        self.proc.start()
+        self.transports = self.conn.recv()
+
+    def reserve(self, count: int, transport: str) -> list[dict]:
+        self.conn.send(("reserve", count, transport))
+        return self.conn.recv()
+
+    def wait(self, count: int) -> float:
+        self.conn.send(("wait", count))
+        last, failures = self.conn.recv()
+        if failures:
+            raise RuntimeError(f"transfers failed: {failures[:3]}")
+        return last
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("stop",))
+            self.conn.recv()
+        finally:
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+def move(sender: KVSender, decode: DecodeProcess, transport: str, count: int) -> float:
+    """GB/s moving ``count`` whole requests at once."""
+    dests = decode.reserve(count, transport)
+    start = time.monotonic()
+    transfers = []
+    for i, dest in enumerate(dests):
+        src = list(range(i * BLOCKS_PER_REQUEST, (i + 1) * BLOCKS_PER_REQUEST))
+        transfer = sender.start(dest, src, TOKENS)
+        transfer.send_all()
+        transfer.finish(1, -0.1)
+        transfers.append(transfer)
+    end = decode.wait(count)
+    for transfer in transfers:
+        transfer.wait(60)
+    return count * REQUEST_BYTES / (end - start) / 1e9
+
+
+def layer_workload(target_ms: float):
+    """A real matmul workload taking about ``target_ms`` on this machine (one layer's compute)."""
+    x, w = torch.randn(512, 896), torch.randn(896, 896)
+    for _ in range(3):
+        x @ w
+    start = time.perf_counter()
+    for _ in range(10):
+        x @ w
+    reps = max(1, round(target_ms / ((time.perf_counter() - start) / 10 * 1000)))
+
+    def compute() -> None:
+        for _ in range(reps):
+            x @ w
+    return compute
+
+
+def ttft_ms(sender: KVSender, decode: DecodeProcess, transport: str, compute, layerwise: bool) -> float:
+    dest = decode.reserve(1, transport)[0]
+    start = time.monotonic()
+    transfer = sender.start(dest, list(range(BLOCKS_PER_REQUEST)), TOKENS)
+    for layer in range(SPEC.num_layers):
+        compute()
+        if layerwise:
+            transfer.send_layer(layer)
+    if not layerwise:
+        transfer.send_all()
+    transfer.finish(1, -0.1)
+    end = decode.wait(1)
+    transfer.wait(60)
+    return (end - start) * 1000
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--requests", type=int, default=32, help="requests moved at once (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is kept")
+    parser.add_argument("--layer-ms", type=float, default=2.0,
+                        help="compute per layer in the layer-wise test (default 2 ms: a 2,048-token "
+                             "prefill of a 0.5B model on a mid-range GPU)")
+    args = parser.parse_args(argv)
+    if args.requests <= 0 or args.repeats <= 0 or args.layer_ms <= 0:
+        parser.error("--requests, --repeats and --layer-ms must be positive")
+
+    memcpy = memcpy_gbps()
+    print(f"memcpy: {memcpy:.2f} GB/s", flush=True)
+    num_blocks = args.requests * BLOCKS_PER_REQUEST
+    run_dir = tempfile.mkdtemp(prefix="kvbench-")
+    pool = KVPool(SPEC, num_blocks)
+    pool.kv.view(torch.int16).random_()
+    sender = KVSender(pool, sender_id="bench")
+    decode = DecodeProcess(num_blocks, run_dir)
+    result = {"memcpy_gbps": round(memcpy, 3), "transports": {},
+              "model": {**SPEC.to_dict(), "tokens_per_request": TOKENS, "request_bytes": REQUEST_BYTES,
+                        "requests_at_once": args.requests}}
+    try:
+        for transport in ("zmq", "shm", "nixl"):
+            if transport not in decode.transports:
+                print(f"{transport}: not available here", flush=True)
+                continue
+            move(sender, decode, transport, 1)  # warm up: connections, mappings, metadata
+            single = statistics.median(move(sender, decode, transport, 1) for _ in range(args.repeats))
+            many = statistics.median(move(sender, decode, transport, args.requests)
+                                     for _ in range(max(1, args.repeats // 2)))
+            result["transports"][transport] = {
+                "gbps": round(single, 3), "ratio": round(single / memcpy, 3),
+                f"gbps_{args.requests}": round(many, 3), f"ratio_{args.requests}": round(many / memcpy, 3)}
+            print(f"{transport}: 1 request {single:.2f} GB/s ({single / memcpy:.0%} of memcpy), "
+                  f"{args.requests} requests {many:.2f} GB/s ({many / memcpy:.0%})", flush=True)
+
+        compute = layer_workload(args.layer_ms)
+        start = time.perf_counter()
+        for _ in range(SPEC.num_layers):
+            compute()
+        prefill_ms = (time.perf_counter() - start) * 1000
+        layerwise = {"prefill_ms": round(prefill_ms, 2), "layer_compute_ms": args.layer_ms, "by_transport": {}}
+        for transport in result["transports"]:
+            pair = {}
+            for mode in (True, False):
+                key = "ttft_ms_layerwise" if mode else "ttft_ms_after_prefill"
+                pair[key] = round(statistics.median(
+                    ttft_ms(sender, decode, transport, compute, mode) for _ in range(args.repeats)), 2)
+            layerwise["by_transport"][transport] = pair
+            print(f"{transport}: prefill {prefill_ms:.1f} ms, TTFT layer-wise {pair['ttft_ms_layerwise']:.1f} ms, "
+                  f"after prefill {pair['ttft_ms_after_prefill']:.1f} ms", flush=True)
+        layerwise.update(transport="zmq", **layerwise["by_transport"]["zmq"])
+        result["layerwise"] = layerwise
+    finally:
+        sender.close()
+        decode.close()
+        pool.close()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()
