@@ -8,6 +8,8 @@ tokens): 12 KiB per token, 24 MiB for one 2,048-token request, 768 MiB for 32 of
 decode side (coordinator, receiver, shared-memory pool, NIXL agent) runs in its own process;
 the prefill side (pool, sender) in this one. A transfer's time runs from the first ``start`` to
 the decode side's ``TransferDone`` for the last request (CLOCK_MONOTONIC is shared by both).
+Destinations are consecutive blocks, as from a fresh allocator; "fragmented" repeats the single
+request with the decode free list reversed, so every block is its own run.
 
 Layer-wise: a prefill of 24 layers, each a real matmul workload calibrated to ``--layer-ms``,
 with ``send_layer`` after each layer ("layerwise") or ``send_all`` after the last ("after
@@ -16,6 +18,7 @@ prefill"); TTFT is from prefill start until the decode side holds the KV and the
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import multiprocessing as mp
 import os
@@ -24,7 +27,19 @@ import sys
 import tempfile
 import time
 
-import torch
+if __name__ == "kvtransfer":
+    # Another script in bench/ (python bench/engine.py) has bench/ first on sys.path, so its
+    # ``import kvtransfer`` found this file: hand the name over to the real package.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    _path = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    del sys.modules["kvtransfer"]
+    try:
+        sys.modules["kvtransfer"] = importlib.import_module("kvtransfer")
+    finally:
+        sys.path[:] = _path
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,13 +93,16 @@ def decode_main(conn, num_blocks: int, run_dir: str) -> None:
                 dests.append(coord.reserve(f"bench-{serial}", TOKENS, transport=transport))
             conn.send(dests)
         elif command[0] == "wait":
-            pending, failures, last = command[1], [], 0.0
+            _, pending, fragment = command
+            failures, last = [], 0.0
             while pending:
                 for event in coord.poll(60.0):
                     last = time.monotonic()
                     pending -= 1
                     if isinstance(event, TransferDone):
-                        allocator.free(event.block_ids)
+                        # Freed so the free list stays in ascending order: the next request
+                        # gets consecutive blocks unless the bench asks for a fragmented pool.
+                        allocator.free(event.block_ids if fragment else event.block_ids[::-1])
                     else:
                         failures.append(event.reason)
             coord.poll(0.05)  # let aborted reservations leave quarantine
@@ -109,8 +127,10 @@ class DecodeProcess:
         self.conn.send(("reserve", count, transport))
         return self.conn.recv()
 
-    def wait(self, count: int) -> float:
-        self.conn.send(("wait", count))
+    def wait(self, count: int, fragment: bool = False) -> float:
+        """Time of the last of ``count`` completions; their blocks are freed in ascending order
+        (so the next reservation is contiguous), or reversed with ``fragment``."""
+        self.conn.send(("wait", count, fragment))
         last, failures = self.conn.recv()
         if failures:
             raise RuntimeError(f"transfers failed: {failures[:3]}")
@@ -126,8 +146,10 @@ class DecodeProcess:
                 self.proc.kill()
 
 
-def move(sender: KVSender, decode: DecodeProcess, transport: str, count: int) -> float:
-    """GB/s moving ``count`` whole requests at once."""
+def move(sender: KVSender, decode: DecodeProcess, transport: str, count: int,
+         fragment: bool = False) -> float:
+    """GB/s moving ``count`` whole requests at once (``fragment``: leave the decode free list
+    reversed afterwards, so the next request lands in one-block runs)."""
     dests = decode.reserve(count, transport)
     start = time.monotonic()
     transfers = []
@@ -137,7 +159,7 @@ def move(sender: KVSender, decode: DecodeProcess, transport: str, count: int) ->
         transfer.send_all()
         transfer.finish(1, -0.1)
         transfers.append(transfer)
-    end = decode.wait(count)
+    end = decode.wait(count, fragment)
     for transfer in transfers:
         transfer.wait(60)
     return count * REQUEST_BYTES / (end - start) / 1e9
@@ -180,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--requests", type=int, default=32, help="requests moved at once (default 32)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per measurement; the median is kept")
+    parser.add_argument("--transports", default="zmq,shm,nixl", help="comma-separated subset to measure")
     parser.add_argument("--layer-ms", type=float, default=2.0,
                         help="compute per layer in the layer-wise test (default 2 ms: a 2,048-token "
                              "prefill of a 0.5B model on a mid-range GPU)")
@@ -199,19 +222,25 @@ def main(argv: list[str] | None = None) -> dict:
               "model": {**SPEC.to_dict(), "tokens_per_request": TOKENS, "request_bytes": REQUEST_BYTES,
                         "requests_at_once": args.requests}}
     try:
-        for transport in ("zmq", "shm", "nixl"):
+        for transport in args.transports.split(","):
             if transport not in decode.transports:
                 print(f"{transport}: not available here", flush=True)
                 continue
-            move(sender, decode, transport, 1)  # warm up: connections, mappings, metadata
+            # Warm up: connections, NIXL metadata, and every page of both pools in this mapping.
+            move(sender, decode, transport, args.requests)
             single = statistics.median(move(sender, decode, transport, 1) for _ in range(args.repeats))
             many = statistics.median(move(sender, decode, transport, args.requests)
                                      for _ in range(max(1, args.repeats // 2)))
+            move(sender, decode, transport, 1, fragment=True)
+            scattered = statistics.median(move(sender, decode, transport, 1, fragment=True)
+                                          for _ in range(args.repeats))
             result["transports"][transport] = {
                 "gbps": round(single, 3), "ratio": round(single / memcpy, 3),
-                f"gbps_{args.requests}": round(many, 3), f"ratio_{args.requests}": round(many / memcpy, 3)}
+                f"gbps_{args.requests}": round(many, 3), f"ratio_{args.requests}": round(many / memcpy, 3),
+                "gbps_fragmented": round(scattered, 3), "ratio_fragmented": round(scattered / memcpy, 3)}
             print(f"{transport}: 1 request {single:.2f} GB/s ({single / memcpy:.0%} of memcpy), "
-                  f"{args.requests} requests {many:.2f} GB/s ({many / memcpy:.0%})", flush=True)
+                  f"{args.requests} requests {many:.2f} GB/s ({many / memcpy:.0%}), "
+                  f"1 request into one-block runs {scattered:.2f} GB/s ({scattered / memcpy:.0%})", flush=True)
 
         compute = layer_workload(args.layer_ms)
         start = time.perf_counter()
@@ -228,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
             layerwise["by_transport"][transport] = pair
             print(f"{transport}: prefill {prefill_ms:.1f} ms, TTFT layer-wise {pair['ttft_ms_layerwise']:.1f} ms, "
                   f"after prefill {pair['ttft_ms_after_prefill']:.1f} ms", flush=True)
-        layerwise.update(transport="zmq", **layerwise["by_transport"]["zmq"])
+        headline = "zmq" if "zmq" in layerwise["by_transport"] else next(iter(layerwise["by_transport"]))
+        layerwise.update(transport=headline, **layerwise["by_transport"][headline])
         result["layerwise"] = layerwise
     finally:
         sender.close()

@@ -202,7 +202,7 @@ class KVCoordinator:
         if progress is None:
             return
         if kind == "rank_failed":
-            self._fail(tid, msg["reason"])
+            self._fail(tid, msg["reason"], writer_dead=msg.get("writer_dead", False))
         elif kind == "rank_done" and self.table.is_live(tid):
             progress.done.add(rank)
             if rank == 0:

@@ -161,8 +161,8 @@ class KVReceiver:
         with_data.register(self._data, zmq.POLLIN)
         while not self._stop.is_set():
             timeout = 0.05
-            if self._nixl is not None and self._open:
-                timeout = self.config.nixl_poll_s
+            if self._nixl is not None and any(t.transport == "nixl" for t in self._open.values()):
+                timeout = self.config.nixl_poll_s  # NIXL notifications have no file descriptor
             if self._parked is not None:  # leave the ROUTER unread: senders feel backpressure
                 timeout = min(timeout, max(0.0, self._parked[0] - time.monotonic()))
             ready = dict((control_only if self._parked else with_data).poll(timeout * 1000))
@@ -201,7 +201,7 @@ class KVReceiver:
                 for tid, t in list(self._open.items()) + list(self._closing.items()):
                     if t.writer == msg["s"]:
                         t.writer_gone = True
-                        self._fail(tid, f"prefill worker {msg['s']} died")
+                        self._fail(tid, f"prefill worker {msg['s']} died", writer_dead=True)
                         self._try_release(tid)
         except WireError as exc:
             logger.error("rank %d: bad control message: %s", self.rank, exc)
@@ -337,11 +337,11 @@ class KVReceiver:
         tok, lp = t.first if self.rank == 0 and t.first is not None else (None, None)
         self._report("rank_done", x=tid, rank=self.rank, tok=tok, lp=lp)
 
-    def _fail(self, tid: str, reason: str) -> None:
+    def _fail(self, tid: str, reason: str, *, writer_dead: bool = False) -> None:
         if tid in self._open:
             self._move_to_closing(tid)
             self._stats["transfers_failed"] += 1
-            self._report("rank_failed", x=tid, rank=self.rank, reason=reason)
+            self._report("rank_failed", x=tid, rank=self.rank, reason=reason, writer_dead=writer_dead or None)
 
     def _move_to_closing(self, tid: str) -> None:
         t = self._closing[tid] = self._open.pop(tid)

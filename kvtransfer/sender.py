@@ -264,6 +264,9 @@ class KVSender:
         slices = head_slices(self.pool.spec.num_kv_heads, self.tp_size, self.rank, len(dest.ranks))
         flight = _Flight(transfer, slices, time.monotonic() + timeout)
         self._flights[transfer.transfer_id] = flight
+        if self._stopping:
+            self._fail(flight, "the prefill worker is shutting down")
+            return
         try:
             if dest.transport == "nixl":
                 if self._nixl is None:

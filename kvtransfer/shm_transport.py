@@ -19,8 +19,8 @@ import os
 import time
 
 import numpy as np
-import torch
 
+from kvtransfer.blockcopy import gather_blocks, scatter_blocks
 from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs
 from kvtransfer.pool import KVPool
 from kvtransfer.spec import KVSpec
@@ -127,10 +127,11 @@ class ShmWriter:
             if len(group) == 1:
                 s, d, n = group[0]
                 dst_kv[:, d:d + n, :, ds:de].copy_(src_kv[:, s:s + n, :, ss:se])
-            else:  # one gather and one scatter instead of a small copy per run
-                src_ids = torch.tensor([s + i for s, _, n in group for i in range(n)], device=src_kv.device)
-                dst_kv[:, [d + i for _, d, n in group for i in range(n)], :, ds:de] = \
-                    src_kv[:, :, :, ss:se].index_select(1, src_ids).to(dst_kv.device)
+                continue
+            src_ids = [s + i for s, _, n in group for i in range(n)]
+            group_dst = [d + i for _, d, n in group for i in range(n)]
+            for src_part, dst_part in zip(src_kv, dst_kv):  # K, then V
+                scatter_blocks(dst_part, group_dst, (ds, de), gather_blocks(src_part, src_ids, (ss, se)))
         return 2 * len(dst_ids) * block_bytes
 
     def close(self) -> None:

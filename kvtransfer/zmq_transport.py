@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 import zmq
 
+from kvtransfer.blockcopy import gather_blocks, scatter_blocks
 from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs
 from kvtransfer.pool import KVPool
 from kvtransfer.transport import TransferError
@@ -88,7 +89,7 @@ def layer_messages(pool: KVPool, layer: int, runs: list[tuple[int, int, int]], h
     (ss, se), dst_heads = head_slice.src, list(head_slice.dst)
     block_bytes = slice_block_bytes(pool.spec, head_slice.src)
     min_alone = max(1, SOLO_RUN_BYTES // block_bytes)
-    kv = pool.kv[layer]  # [2, num_blocks, block_size, heads, head_dim]
+    k, v = pool.layer(layer)  # each [num_blocks, block_size, heads, head_dim]
 
     def message(batch: list[tuple[int, int, int]]) -> list:
         segments, frames = [], []
@@ -96,11 +97,10 @@ def layer_messages(pool: KVPool, layer: int, runs: list[tuple[int, int, int]], h
             segments.append([[d, n] for _, d, n in group])
             if len(group) == 1:
                 s, _, n = group[0]
-                part = kv[:, s:s + n, :, ss:se]
+                frames += [_wire_bytes(k[s:s + n, :, ss:se]), _wire_bytes(v[s:s + n, :, ss:se])]
             else:
-                ids = torch.tensor([s + i for s, _, n in group for i in range(n)], device=kv.device)
-                part = kv[:, :, :, ss:se].index_select(1, ids)
-            frames += [_wire_bytes(part[0]), _wire_bytes(part[1])]
+                ids = [s + i for s, _, n in group for i in range(n)]
+                frames += [_wire_bytes(gather_blocks(part, ids, (ss, se))) for part in (k, v)]
         return [pack("kv", **source, l=layer, h=dst_heads, segs=segments), *frames]
 
     batch: list[tuple[int, int, int]] = []
@@ -149,13 +149,12 @@ def land_layer(pool: KVPool, msg: dict, frames: list[zmq.Frame], blocks: frozens
             if len(frame.buffer) != len(ids) * block_bytes:
                 raise WireError(f"frame of {len(frame.buffer)} bytes for {len(ids)} blocks of {block_bytes}")
         checked.append((segment, ids, frames[2 * i:2 * i + 2]))
-    kv = pool.kv[layer]  # [2, num_blocks, block_size, heads, head_dim]
     h0, h1 = heads
     for segment, ids, kv_frames in checked:
-        for which, frame in enumerate(kv_frames):
+        for part, frame in zip(pool.layer(layer), kv_frames):
             src = torch.frombuffer(frame.buffer, dtype=pool.dtype).view(len(ids), spec.block_size, h1 - h0, -1)
             if len(segment) == 1:
-                kv[which, segment[0][0]:segment[0][0] + segment[0][1], :, h0:h1].copy_(src)
+                part[ids[0]:ids[0] + len(ids), :, h0:h1].copy_(src)
             else:
-                kv[which][torch.tensor(ids, device=kv.device), :, h0:h1] = src.to(kv.device)
+                scatter_blocks(part, ids, (h0, h1), src)
     return 2 * sum(len(ids) for _, ids, _ in checked) * block_bytes

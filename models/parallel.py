@@ -6,6 +6,7 @@ construction, so two models (or two test groups) in one process cannot interfere
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import msgpack
@@ -43,10 +44,12 @@ SINGLE = ParallelContext()
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str,
-                         backend: str | None = None) -> ParallelContext:
+                         backend: str | None = None,
+                         timeout_s: float | None = None) -> ParallelContext:
     """Join a TP group of ``world_size`` processes through ``init_method`` (``file://...``
     or ``tcp://127.0.0.1:PORT``). ``backend`` defaults to NCCL when CUDA is available,
-    gloo otherwise. Under NCCL each rank uses ``cuda:rank``."""
+    gloo otherwise. Under NCCL each rank uses ``cuda:rank``. ``timeout_s`` bounds how long
+    joining and each collective wait for a missing peer (torch's default otherwise)."""
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend not in ("gloo", "nccl"):
@@ -54,9 +57,11 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str,
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     ctx = ParallelContext(rank=rank, world_size=world_size)  # validates before joining
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
     group = dist.group.WORLD
-    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else group
+    cpu_group = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else group
     return ParallelContext(rank=ctx.rank, world_size=ctx.world_size, group=group,
                            cpu_group=cpu_group)
 

@@ -360,5 +360,8 @@ class RequestScheduler:
                                               "(a prefill or decode worker is missing); start workers and retry")
 
     def stats(self) -> dict:
+        states = dict.fromkeys((s.value for s in State if s is not State.DONE), 0)
+        for req in self.requests.values():
+            states[req.state.value] += 1
         return {"queued": len(self.waiting), "active": len(self.requests) - len(self.waiting),
-                **self.counters}
+                "states": states, **self.counters}

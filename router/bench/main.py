@@ -31,6 +31,7 @@ from router.client import AsyncClient, ServerError
 from router.config import KV_TRANSPORTS, default_endpoint
 
 CONNECT_TIMEOUT_S = 30.0
+DEFAULT_TIMEOUT_S = 300.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                         help="KV transport of spawned disaggregated clusters (default: auto)")
     target.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each spawned worker (default: 1)")
-    target.add_argument("--timeout", type=float, metavar="S",
-                        help="fail a request when nothing arrives for it for S seconds (default: wait)")
+    target.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
+                        help="fail a request when nothing arrives for it for S seconds, so a lost "
+                             f"request cannot stall the run (default: {DEFAULT_TIMEOUT_S:g})")
     target.add_argument("--curve-dir", help="CurveZMQ key directory (pdserve keys) of a remote server")
 
     load = parser.add_argument_group("load")
@@ -105,7 +107,7 @@ class BenchSettings:
     seed: int
     sampling: dict
     vocab_size: int | None
-    timeout: float | None
+    timeout: float
     curve_dir: str | None
     progress: bool
 
@@ -119,7 +121,7 @@ class BenchSettings:
             raise ValueError("--num-warmups and --seed must be integers >= 0")
         if not args.temperature >= 0:
             raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        if args.timeout is not None and not args.timeout > 0:
+        if not args.timeout > 0:
             raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
         shape = LoadShape(args.request_rate, args.burstiness, args.max_concurrency)
         sweep = None

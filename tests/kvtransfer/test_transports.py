@@ -198,12 +198,16 @@ def test_reservation_expires_and_its_late_writer_cannot_land(transport, decode, 
     np.testing.assert_array_equal(decode.call("pool_bits"), before)
 
 
+@pytest.mark.parametrize("writer_named", [True, False], ids=["writer-named", "writer-learned"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-def test_killed_sender_leaks_and_corrupts_nothing(transport, decode, prefill):
+def test_killed_sender_leaks_and_corrupts_nothing(transport, writer_named, decode, prefill):
+    """SIGKILL a sender mid-transfer, then report it dead. Whether the reservation named its
+    writer or the ranks learned it from the data, everything is released and nothing else moves."""
     victim = Node(PrefillNode, spec=SPEC, num_blocks=NUM_BLOCKS, sender_id="victim", seed=9)
     try:
-        a = decode.call("reserve", f"kill-a-{transport}", 24, transport=transport, writer="victim")
-        b = decode.call("reserve", f"kill-b-{transport}", 16, transport=transport, writer="P-main")
+        a = decode.call("reserve", f"kill-a-{transport}-{writer_named}", 24, transport=transport,
+                        writer="victim" if writer_named else None)
+        b = decode.call("reserve", f"kill-b-{transport}-{writer_named}", 16, transport=transport, writer="P-main")
         a_dst, b_dst = a["ranks"][0]["block_ids"], b["ranks"][0]["block_ids"]
         victim.call("start", a, [0, 1, 2, 3, 4, 5])
         victim.call("send", a["transfer_id"], [0, 1])

@@ -144,7 +144,7 @@ def tp_worker(r, world, init_file, jobs, out_path):
     result = {}
     ctx = None
     try:
-        ctx = init_tensor_parallel(r, world, f"file://{init_file}", backend="gloo")
+        ctx = init_tensor_parallel(r, world, f"file://{init_file}", backend="gloo", timeout_s=60)
         result["plan"] = broadcast_plan(ctx, {"step": 3, "ids": [1, 2]} if r == 0 else None)
         result["gathered"] = all_gather(ctx, torch.tensor([[r, r + 10]]), dim=-1).tolist()
         result["reduced"] = all_reduce(ctx, torch.tensor([r + 1.0])).tolist()
@@ -184,7 +184,11 @@ def test_tp2_matches_tp1(checkpoints, tmp_path):
             if p.is_alive():
                 p.kill()
                 p.join()
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    results = []
+    for r, p in enumerate(procs):
+        path = tmp_path / f"rank{r}.json"
+        assert path.exists(), f"rank {r} wrote no result (exit code {p.exitcode})"
+        results.append(json.loads(path.read_text()))
     for result in results:
         assert "error" not in result, result.get("error")
         assert result["plan"] == {"step": 3, "ids": [1, 2]}

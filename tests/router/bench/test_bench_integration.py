@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 REQUIRED_KEYS = ["completed", "failed", "duration_s", "request_throughput", "output_throughput",
                  "total_token_throughput", "goodput", "slo_attainment"] + [
     f"{stat}_{metric}_ms" for metric in LATENCY_METRICS for stat in STATISTICS]
+# --timeout: a request the server loses fails the test instead of stalling it
 WORKLOAD = ["--input-len", "12", "--output-len", "4", "--ignore-eos", "--num-warmups", "1",
-            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--no-progress"]
+            "--timeout", "60", "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--no-progress"]
 
 
 def _check_filled(metrics, num_requests, num_output_tokens):
@@ -36,7 +37,7 @@ def test_spawned_configurations_are_compared_in_one_table(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "router.bench", "--spawn", "disagg:1p1d", "colocated:1",
          "--num-prompts", "6", "--request-rate", "50", "--json", str(out), *WORKLOAD],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     header = proc.stdout.splitlines()[1].split()
     assert header == ["disagg:1p1d", "colocated:1"]
