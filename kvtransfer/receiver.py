@@ -31,17 +31,19 @@ from kvtransfer.zmq_transport import land_layer
 
 logger = logging.getLogger(__name__)
 
-SENDER_KINDS = frozenset({"kv", "done", "abort", "md_req"})
+SENDER_KINDS = frozenset({"start", "kv", "done", "abort", "md_req"})
 CONTROL_KINDS = frozenset({"open", "close", "dead"})
 
 
 @dataclass(frozen=True)
 class ReceiverConfig:
+    """Knobs of one decode rank's receiver."""
+
     rcvhwm: int = 4  # data messages queued per sender before it must wait
     max_frame_bytes: int = 256 << 20  # largest frame accepted (must exceed the sender's messages)
-    park_timeout_s: float = 2.0
-    nixl_poll_s: float = 0.0002  # how often NIXL notifications are drained while transfers are open
-    history: int = 65536
+    park_timeout_s: float = 2.0  # how long a message of a not-yet-opened transfer waits
+    nixl_poll_s: float = 0.001  # NIXL notifications drained this often while a nixl transfer is open
+    history: int = 65536  # ended transfer ids remembered (their late data is dropped)
 
     def __post_init__(self) -> None:
         if self.rcvhwm <= 0 or self.max_frame_bytes <= 0 or self.history <= 0:
@@ -69,8 +71,13 @@ class _RankTransfer:
 
 
 class KVReceiver:
-    """Receives KV for one decode rank's pool. ``transports``: what this rank accepts (zmq
-    always; shm needs a ``backend="shm"`` pool; nixl needs the nixl package)."""
+    """Receives KV into one decode rank's pool: zmq always, shm when the pool was created with
+    ``backend="shm"``, nixl when ``nixl=True`` (and the package is installed).
+
+    ``endpoint`` is where prefill ranks connect (ipc:// or tcp://, ``*`` port allowed);
+    ``coordinator`` is the control endpoint of the group's ``KVCoordinator`` on rank 0.
+    Raises ValueError if the endpoint cannot be bound.
+    """
 
     def __init__(self, pool: KVPool, *, endpoint: str, coordinator: str, rank: int = 0,
                  tp_size: int = 1, nixl: bool = False, config: ReceiverConfig | None = None):
@@ -116,6 +123,8 @@ class KVReceiver:
         return dict(self._entry)
 
     def stats(self) -> dict:
+        """Bytes landed here (zmq), dropped stale/malformed messages, parked messages, and
+        transfers done, failed, open and closing on this rank."""
         return {**self._stats, "open": len(self._open), "closing": len(self._closing)}
 
     def close(self) -> None:
@@ -165,7 +174,7 @@ class KVReceiver:
                 timeout = self.config.nixl_poll_s  # NIXL notifications have no file descriptor
             if self._parked is not None:  # leave the ROUTER unread: senders feel backpressure
                 timeout = min(timeout, max(0.0, self._parked[0] - time.monotonic()))
-            ready = dict((control_only if self._parked else with_data).poll(timeout * 1000))
+            ready = dict((control_only if self._parked else with_data).poll(max(1, round(timeout * 1000))))
             while self._ctrl in ready and self._ctrl.poll(0):
                 self._on_control(self._ctrl.recv())
             if self._nixl is not None:

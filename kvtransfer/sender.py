@@ -239,13 +239,16 @@ class KVSender:
             return
         transfer = job[1]
         if kind == "start":
-            self._begin(transfer)
-            return
+            timeout = min(self.config.transfer_timeout_s, transfer.dest.ttl_s)
+            slices = head_slices(self.pool.spec.num_kv_heads, self.tp_size, self.rank, len(transfer.dest.ranks))
+            self._flights[transfer.transfer_id] = _Flight(transfer, slices, time.monotonic() + timeout)
         flight = self._flights.get(transfer.transfer_id)
         if flight is None or flight.ending:
             return
         try:
-            if kind == "layer" and not transfer.cancelled:
+            if kind == "start":
+                self._begin(flight)
+            elif kind == "layer" and not transfer.cancelled:
                 self._send_layer(flight, *job[2:])
             elif kind == "finish" and not transfer.cancelled:
                 flight.first = (job[2], job[3])
@@ -258,24 +261,23 @@ class KVSender:
             logger.exception("transfer %s failed", transfer.transfer_id)
             self._fail(flight, f"internal error: {exc!r}")
 
-    def _begin(self, transfer: KVTransfer) -> None:
+    def _begin(self, flight: _Flight) -> None:
+        transfer = flight.transfer
         dest = transfer.dest
-        timeout = min(self.config.transfer_timeout_s, dest.ttl_s)
-        slices = head_slices(self.pool.spec.num_kv_heads, self.tp_size, self.rank, len(dest.ranks))
-        flight = _Flight(transfer, slices, time.monotonic() + timeout)
-        self._flights[transfer.transfer_id] = flight
         if self._stopping:
-            self._fail(flight, "the prefill worker is shutting down")
-            return
-        try:
-            if dest.transport == "nixl":
-                if self._nixl is None:
-                    self._nixl = NixlWriter(self.pool, max_outstanding=self.config.nixl_window)
-                for s in slices:
-                    target = dest.ranks[s.d_rank]
-                    self._nixl.connect(target, self._link(target.endpoint), self.config.handshake_timeout_s)
-        except TransferError as exc:
-            self._fail(flight, str(exc))
+            raise TransferError("the prefill worker is shutting down")
+        if dest.transport == "nixl":
+            if self._nixl is None:
+                self._nixl = NixlWriter(self.pool, max_outstanding=self.config.nixl_window)
+            for s in flight.slices:
+                target = dest.ranks[s.d_rank]
+                self._nixl.connect(target, self._link(target.endpoint), self.config.handshake_timeout_s)
+        # Name the writer before the first write: shm and nixl data never pass the rank, which
+        # must still know whose death releases the blocks.
+        start = pack("start", x=transfer.transfer_id, s=self.sender_id, p=self.rank, pt=self.tp_size)
+        for s in flight.slices:
+            if not self._notify(dest.ranks[s.d_rank], start):
+                raise TransferError(f"decode rank {s.d_rank} is unreachable")
 
     def _send_layer(self, flight: _Flight, layer: int, first: int, last: int) -> None:
         transfer = flight.transfer

@@ -2,8 +2,8 @@
 
 Three links carry them (see ``kvtransfer/transport.py`` for the protocol):
 
-- prefill rank -> decode rank (ZMQ, or NIXL notifications for ``nixl``):
-  ``kv`` (header of a zmq data message; the K and V bytes of each segment of block runs
+- prefill rank -> decode rank (ZMQ, or NIXL notifications for ``nixl``): ``start`` (before
+  the first write: names the writer, even when the data itself bypasses the rank), ``kv`` (header of a zmq data message; the K and V bytes of each segment of block runs
   follow as raw frames),
   ``nx`` (one NIXL write landed), ``done``, ``abort``, ``md_req`` (and the reply ``md``);
 - decode coordinator -> decode rank: ``open``, ``close``, ``dead``;
@@ -19,6 +19,7 @@ import msgpack
 _STR, _INT, _NUM, _LIST, _BYTES, _BOOL, _DICT = (str,), (int,), (int, float), (list,), (bytes,), (bool,), (dict,)
 _SOURCE = {"x": _STR, "s": _STR, "p": _INT, "pt": _INT}
 SCHEMAS: dict[str, tuple[dict, dict]] = {
+    "start": (_SOURCE, {}),
     "kv": ({**_SOURCE, "l": _INT, "h": _LIST, "segs": _LIST}, {}),
     "nx": ({"x": _STR, "p": _INT}, {}),
     "done": ({**_SOURCE, "n": _INT}, {"tok": _INT, "lp": _NUM}),

@@ -146,8 +146,9 @@ class ModelConfig:
             dtype = CONFIG_DTYPES[str(dtype)]
         max_pos = _get(hf, "max_position_embeddings")
         window = hf.get("sliding_window")
-        if family == "qwen2" or family == "qwen3":
-            window = None  # only applied with use_sliding_window, which is rejected above
+        if family in ("qwen2", "qwen3") or not isinstance(window, int) \
+                or not isinstance(max_pos, int) or window >= max_pos:
+            window = None  # qwen: only with use_sliding_window, rejected above
         return cls(
             architecture=arch,
             vocab_size=_get(hf, "vocab_size"),
@@ -157,7 +158,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_number(hf, "rms_norm_eps", 1e-6),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             attention_bias=bool(hf.get("attention_bias", default_bias)),
@@ -165,7 +166,7 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=max_pos,
             dtype=dtype,
-            sliding_window=window if window and window < max_pos else None,
+            sliding_window=window,
             eos_token_ids=_eos_ids(hf, generation or {}),
             bos_token_id=_bos_id(hf, generation or {}),
         )
@@ -235,6 +236,13 @@ def _read_json(path: Path, required: bool) -> dict | None:
     return data
 
 
+def _number(d: dict, key: str, default: float) -> float:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json {key} must be a number, got {value!r}")
+    return float(value)
+
+
 def _get(hf: dict, key: str):
     if key not in hf:
         raise ValueError(f"config.json has no {key!r}; it is required for this architecture")
@@ -264,14 +272,15 @@ def _reject_unsupported(hf: dict, family: str) -> None:
 def _parse_rope(hf: dict) -> tuple[float, RopeScaling | None]:
     params = hf.get("rope_parameters")
     if params is None:
-        theta = hf.get("rope_theta", 10000.0)
-        params = dict(hf.get("rope_scaling") or {})
+        theta = _number(hf, "rope_theta", 10000.0)
+        params = hf.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_scaling {params!r} must be a mapping")
     else:
         if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
             raise ValueError(f"rope_parameters {params!r} are not supported; "
                              "expected one flat mapping with rope_type and rope_theta")
-        params = dict(params)
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        theta = _number(params, "rope_theta", _number(hf, "rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
@@ -280,15 +289,16 @@ def _parse_rope(hf: dict) -> tuple[float, RopeScaling | None]:
     if partial != 1.0:
         raise ValueError(f"partial_rotary_factor={partial} is not supported; only 1.0")
     if rope_type == "default":
-        return float(theta), None
+        return theta, None
     scaling = RopeScaling(
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(params.get("original_max_position_embeddings", 8192)),
+        factor=_number(params, "factor", 1.0),
+        low_freq_factor=_number(params, "low_freq_factor", 1.0),
+        high_freq_factor=_number(params, "high_freq_factor", 4.0),
+        original_max_position_embeddings=int(
+            _number(params, "original_max_position_embeddings", 8192)),
     )
-    return float(theta), scaling
+    return theta, scaling
 
 
 def _bos_id(hf: dict, generation: dict) -> int | None:

@@ -115,7 +115,6 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, ctx: ParallelContext = SINGLE):
         super().__init__()
         self.config = config
-        self.ctx = ctx
         self.model = LlamaModel(config, ctx)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx)
         if config.tie_word_embeddings:

@@ -196,7 +196,7 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
         runs: dict[float, tuple[dict, dict]] = {}
 
         async def attainment(rate: float) -> float:
-            # fresh prompts for every run, so no run finds the previous one's prompts in a prefix cache
+            # fresh random prompts for every run, so no run finds the previous one's in a prefix cache
             prompts = build_workload(settings.workload, n, vocab_size, settings.seed + 1 + len(runs))
             runs[rate] = await measure(rate, prompts)
             summary = runs[rate][0]
@@ -241,6 +241,9 @@ def run(args: argparse.Namespace) -> int:
         if not specs and (args.model or args.tp != 1 or args.kv_transport != "auto"):
             raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "
                              "already has its own")
+        if args.model and not Path(args.model).is_dir():
+            raise ValueError(f"--model {args.model} is not a directory; give a Hugging Face "
+                             f"checkpoint directory, or leave it out for the demo model")
         _check_output_path("--json", args.json)
         _check_output_path("--plot", args.plot)
         if args.plot:

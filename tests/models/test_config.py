@@ -95,6 +95,8 @@ def test_mistral_sliding_window_kept_only_when_it_binds():
     (dict(intermediate_size=None), "no 'intermediate_size'"),
     (dict(dtype="float8"), "dtype 'float8'"),
     (dict(eos_token_id="</s>"), "eos_token_id"),
+    (dict(rms_norm_eps="small"), "rms_norm_eps must be a number"),
+    (dict(rope_scaling=[2.0]), "rope_scaling .* must be a mapping"),
 ])
 def test_unsupported_or_invalid_options_name_themselves(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -74,3 +74,24 @@ def test_endpoint_with_a_dataset_and_a_rate_sweep(cluster, tmp_path):
     # generous SLOs: every run passes, so the search only doubles
     assert [run_["request_rate"] for run_ in result["sweep"]] == [4.0, 8.0]
     assert result["max_rate_at_slo"] == 8.0 and result["request_rate"] == 8.0
+
+
+def test_requests_the_server_refuses_are_counted_as_failed(cluster, tmp_path, capsys):
+    dataset = tmp_path / "mixed.jsonl"
+    too_long = [65] * 3000  # past the demo model's 2048-token context: the router refuses it
+    dataset.write_text(json.dumps({"prompt_token_ids": [72, 105], "output_len": 3}) + "\n"
+                       + json.dumps({"prompt_token_ids": too_long, "output_len": 3}) + "\n")
+    out = tmp_path / "mixed.json"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--endpoint", cluster.endpoint, "--dataset", str(dataset), "--num-prompts", "4",
+                              "--num-warmups", "0", "--ignore-eos", "--timeout", "60", "--no-progress",
+                              "--json", str(out)])
+    assert run(args) == 0
+    result = json.loads(out.read_text())
+    assert (result["completed"], result["failed"]) == (2, 2)
+    assert result["total_input_tokens"] == 4 and result["total_output_tokens"] == 6
+    assert result["slo_attainment"] == 0.5  # no SLO: the fraction of requests that completed
+    [(message, count)] = result["errors"].items()
+    assert count == 2 and "InvalidRequest" in message
+    assert f"2 request(s) failed: {message}" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def test_settings_from_defaults_and_sweep_start():
     (["--spawn", "colocated"], "is not a configuration"),
     (["--endpoint", "tcp://a", "--model", "/m"], "apply to --spawn"),
     (["--tp", "2"], "apply to --spawn"),
+    (["--spawn", "colocated:1", "--model", "/nonexistent"], "--model /nonexistent is not a directory"),
     (["--endpoint", "tcp://a", "--num-prompts", "0"], "--num-prompts must be a positive integer"),
     (["--endpoint", "tcp://a", "--request-rate", "-1"], "--request-rate must be a positive"),
     (["--endpoint", "tcp://a", "--range-ratio", "1.5"], "--range-ratio must be in"),
