@@ -80,11 +80,23 @@ def build_runner(opts: WorkerOptions, ctx: ParallelContext):
         device = f"cuda:{torch.cuda.current_device()}"
     on_cuda = str(device).startswith("cuda")
     backend = "cuda" if on_cuda else ("shm" if opts.role == "decode" else "heap")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, opts.tp)))
+    torch.set_num_threads(num_threads(opts))
     return ModelRunner(opts.model, dtype=opts.dtype, device=device, tp=ctx,
                        block_size=opts.block_size, num_blocks=opts.num_kv_blocks,
                        kv_budget_bytes=opts.kv_memory, pool_backend=backend,
                        max_model_len=opts.max_model_len)
+
+
+def num_threads(opts: WorkerOptions) -> int:
+    """Threads for this rank's matmuls. The launcher knows how many worker processes share
+    the host and says so in PDSERVE_NUM_THREADS; oversubscribed cores make small ops crawl."""
+    value = os.environ.get("PDSERVE_NUM_THREADS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"PDSERVE_NUM_THREADS must be an integer, got {value!r}") from None
+    return max(1, (os.cpu_count() or 1) // opts.tp)
 
 
 def worker_info(opts: WorkerOptions, runner, transports: dict) -> dict:
