@@ -12,8 +12,9 @@ def caps(*transports, **where):
     return {"transports": list(transports), **HOST, **where}
 
 
-def test_auto_prefers_nixl_then_shm_then_zmq():
-    assert choose_transport(caps("zmq", "shm", "nixl"), caps("zmq", "shm", "nixl"))[0] == "nixl"
+def test_auto_prefers_shm_then_nixl_then_zmq():
+    assert choose_transport(caps("zmq", "shm", "nixl"), caps("zmq", "shm", "nixl"))[0] == "shm"
+    assert choose_transport(caps("zmq", "shm", "nixl"), caps("zmq", "nixl"))[0] == "nixl"
     assert choose_transport(caps("zmq", "shm", "nixl"), caps("zmq", "shm"))[0] == "shm"
     assert choose_transport(caps("zmq", "shm"), caps("zmq", "nixl"))[0] == "zmq"
 
