@@ -70,8 +70,11 @@ class DecodeWorker:
                 self.wake.set()
             except ValueError as exc:
                 self.link.send(P.WorkerError(msg.rid, msg.transfer_id, str(exc)))
+        elif isinstance(msg, P.PeerDead):
+            if self.coordinator is not None:
+                self.coordinator.peer_dead(msg.worker_id)
         elif isinstance(msg, P.Free):
-            self._free(msg.rid)
+            self._free(msg.rid, published=msg.reason != P.FREE_UNWRITTEN)
 
     def _allocate(self, msg: P.Allocate) -> None:
         token_ids = list(msg.token_ids)
@@ -92,7 +95,7 @@ class DecodeWorker:
         # Blocks for the sequence's whole life; the prefill side writes the prompt's share.
         num_blocks = self.engine.decode.num_blocks_needed(len(token_ids), msg.sampling, msg.output_index)
         dest = self.coordinator.reserve(msg.transfer_id, num_blocks * self.engine.allocator.block_size,
-                                        transport=msg.transport or None)
+                                        transport=msg.transport or None, writer=msg.writer or None)
         if dest is None:
             raise NoFreeBlocks(f"needs {num_blocks} KV blocks, "
                                f"{self.engine.allocator.num_free_blocks} free")
@@ -105,14 +108,14 @@ class DecodeWorker:
         self._rid_of[msg.transfer_id] = msg.rid
         return dest
 
-    def _free(self, rid: str) -> None:
+    def _free(self, rid: str, published: bool = True) -> None:
         seq = self.engine.decode.by_rid.get(rid)
         if seq is not None and self.coordinator is not None and not seq.started:
             # KV may still be in flight: the coordinator quarantines the blocks until every
             # writer is done (or dead), then returns them to the allocator itself.
             self.engine.decode.remove(rid)
             self._rid_of.pop(seq.transfer_id, None)
-            self.coordinator.abort(seq.transfer_id)
+            self.coordinator.abort(seq.transfer_id, published=published)
             return
         self.engine.free(rid)
 

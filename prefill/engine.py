@@ -119,8 +119,13 @@ class PrefillEngine:
             return
         if request.transfer_id in self._sending:
             self._aborts.append(request.transfer_id)   # every rank stops its transfer first
-        elif all(c.request is not request for c in self._in_flight):
-            self.scheduler.release(request)
+            return
+        # No rank ever started writing: the decode side may reuse the blocks at once.
+        try:
+            self.transfers.sender.reject(request.dest)
+        except ValueError:
+            pass  # a malformed destination was never going to be written either
+        self.scheduler.release(request)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
