@@ -18,22 +18,24 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def gather_blocks(part: torch.Tensor, block_ids: list[int], heads: tuple[int, int]) -> torch.Tensor:
-    """A new contiguous ``[len(block_ids), block_size, h, head_dim]`` tensor of the heads
-    ``[start, stop)`` of ``part`` (``[num_blocks, block_size, heads, head_dim]``)."""
+    """A new contiguous ``[..., len(block_ids), block_size, h, head_dim]`` tensor of the heads
+    ``[start, stop)`` of the listed blocks of ``part`` (``[..., num_blocks, block_size, heads,
+    head_dim]``: one layer's K or V, or a range of layers with K and V)."""
     h0, h1 = heads
     if part.device.type != "cpu":
-        return part[:, :, h0:h1].index_select(0, torch.tensor(block_ids, device=part.device))
-    gathered = np.ascontiguousarray(_numpy(part)[block_ids, :, h0:h1])
+        index = torch.tensor(block_ids, device=part.device)
+        return part.narrow(-2, h0, h1 - h0).index_select(-4, index)
+    gathered = np.ascontiguousarray(_numpy(part)[..., block_ids, :, h0:h1, :])
     return torch.from_numpy(gathered).view(part.dtype)
 
 
 def scatter_blocks(part: torch.Tensor, block_ids: list[int], heads: tuple[int, int],
                    values: torch.Tensor) -> None:
-    """Write ``values`` (``[len(block_ids), block_size, h, head_dim]``) into the heads
-    ``[start, stop)`` of the listed blocks of ``part``."""
+    """Write ``values`` (``[..., len(block_ids), block_size, h, head_dim]``) into the heads
+    ``[start, stop)`` of the listed blocks of ``part`` (shaped as for ``gather_blocks``)."""
     h0, h1 = heads
     if part.device.type != "cpu":
         index = torch.tensor(block_ids, device=part.device)
-        part[:, :, h0:h1].index_copy_(0, index, values.to(part.device))
+        part.narrow(-2, h0, h1 - h0).index_copy_(-4, index, values.to(part.device))
         return
-    _numpy(part)[block_ids, :, h0:h1] = _numpy(values.cpu() if values.device.type != "cpu" else values)
+    _numpy(part)[..., block_ids, :, h0:h1, :] = _numpy(values.cpu())

@@ -54,7 +54,8 @@ class KVCoordinator:
         self.tp_size = tp_size
         self.default_transport = default_transport
         self._clock = clock
-        self._ranks: dict[int, dict] = {}
+        self._ranks: dict[int, dict] = {}  # rank -> its receiver's entry (KVReceiver.describe)
+        self._rank_errors: dict[int, str] = {}
         self._progress: dict[str, _Progress] = {}
         self._events: list[TransferEvent] = []
         self._counts = {"transfers_done": 0, "transfers_failed": 0, "by_transport": {}}
@@ -72,9 +73,12 @@ class KVCoordinator:
 
     # -- setup ---------------------------------------------------------------------------
     def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Wait until every rank's receiver registered. Raises TimeoutError naming the missing."""
+        """Wait until every rank's receiver registered. Raises TimeoutError naming the missing
+        ranks, ValueError if a rank's pool does not match the allocator."""
         deadline = time.monotonic() + timeout_s
         while len(self._ranks) < self.tp_size:
+            if self._rank_errors:
+                raise ValueError("; ".join(self._rank_errors.values()))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(set(range(self.tp_size)) - set(self._ranks))
@@ -121,10 +125,12 @@ class KVCoordinator:
         return {"transport": transport, "transfer_id": transfer_id,
                 "ttl_s": timeout_s or self.table.reserve_timeout_s, "ranks": ranks}
 
-    def abort(self, transfer_id: str) -> bool:
+    def abort(self, transfer_id: str, *, published: bool = True) -> bool:
         """Abort a live reservation (client cancel, router abort); its blocks are quarantined
-        until every rank released them. False if it is not live (done, failed or unknown)."""
-        return self._fail(transfer_id, None)
+        until every rank released them. ``published=False`` says the destination never reached
+        a prefill worker, so no writer exists and the blocks are released at once. Returns
+        False if the reservation is not live (done, failed or unknown)."""
+        return self._fail(transfer_id, None, writer_dead=not published)
 
     def peer_dead(self, peer_id: str) -> None:
         """The prefill worker ``peer_id`` is dead: its live transfers fail (events follow) and
@@ -183,11 +189,13 @@ class KVCoordinator:
 
     def _drain(self) -> None:
         while self._sock.poll(0):
-            identity, data = self._sock.recv_multipart()[:2]
+            parts = self._sock.recv_multipart()
             try:
-                self._on_rank(identity, unpack(data, RANK_KINDS))
+                if len(parts) != 2:
+                    raise WireError(f"a report must be one frame, got {len(parts) - 1}")
+                self._on_rank(parts[0], unpack(parts[1], RANK_KINDS))
             except WireError as exc:
-                logger.error("bad report from decode rank %r: %s", identity, exc)
+                logger.error("bad report from decode rank %r: %s", parts[0], exc)
 
     def _on_rank(self, identity: bytes, msg: dict) -> None:
         kind = msg["t"]
@@ -195,7 +203,7 @@ class KVCoordinator:
         if identity != f"r{rank}".encode() or not 0 <= rank < self.tp_size:
             raise WireError(f"a {kind} claims rank {rank} from {identity!r} in a TP group of {self.tp_size}")
         if kind == "hello":
-            self._ranks[rank] = msg["entry"]
+            self._register(rank, msg["entry"])
             return
         tid = msg["x"]
         progress = self._progress.get(tid)
@@ -220,6 +228,22 @@ class KVCoordinator:
             if len(progress.released) == self.tp_size:
                 self.table.writer_finished(tid)
                 del self._progress[tid]
+
+    def _register(self, rank: int, entry: dict) -> None:
+        for name, types in (("endpoint", str), ("num_blocks", int), ("transports", list), ("host", str),
+                            ("boot_id", str), ("shm_id", str)):
+            if not isinstance(entry.get(name), types):
+                raise WireError(f"rank {rank}'s registration lacks {name!r}")
+        extras = {"shm": ("shm_path", "owners_path"), "nixl": ("nixl_agent",)}
+        for transport in entry["transports"]:
+            if not all(isinstance(entry.get(name), str) for name in extras.get(transport, ())):
+                raise WireError(f"rank {rank} offers {transport} without {extras[transport]}")
+        if entry["num_blocks"] != self.table.allocator.num_blocks:
+            self._rank_errors[rank] = (f"decode rank {rank}'s KV pool has {entry['num_blocks']} blocks but "
+                                       f"the allocator hands out {self.table.allocator.num_blocks}: "
+                                       "every rank must size its pool alike")
+            return
+        self._ranks[rank] = entry
 
     def _fail(self, tid: str, reason: str | None, *, writer_dead: bool = False) -> bool:
         """Quarantine a live reservation and close it on every rank; ``reason`` None means the

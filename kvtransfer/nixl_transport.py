@@ -47,7 +47,9 @@ class NixlPoolAgent:
             raise TransferError(f"the nixl transport needs the nixl package ({exc}); "
                                 "install pdserve[nixl] or use --kv-transport zmq") from None
         self.name = f"pdserve-{role}-{uuid.uuid4().hex[:12]}"
-        self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+        # No progress thread: NIXL's spins on a core even when idle. The sender's state checks
+        # and the receiver's notification drain make progress instead.
+        self.agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         if "UCX" not in self.agent.backends:
             raise TransferError("NIXL has no UCX backend here; use --kv-transport zmq")
         self.pool = pool
@@ -137,9 +139,10 @@ class NixlWriter:
             values[i:i + len(chunk)] = scratch[:len(chunk)]
         return values
 
-    def write_layer(self, layer: int, runs: list[tuple[int, int, int]], head_slice: HeadSlice,
-                    target: RankTarget, d_tp: int, transfer_id: str, p_rank: int) -> int:
-        """Post one WRITE (all runs, K and V) with its ``nx`` notification; returns bytes."""
+    def write_layers(self, layers: range, runs: list[tuple[int, int, int]], head_slice: HeadSlice,
+                     target: RankTarget, d_tp: int, transfer_id: str, p_rank: int) -> int:
+        """Post one WRITE (every layer of the range, K and V of every run) with its ``nx``
+        notification; returns bytes."""
         while sum(map(len, self._pending.values())) >= self.max_outstanding:
             self.progress()
         spec = self.pool.spec
@@ -149,12 +152,13 @@ class NixlWriter:
         per_row = (head_slice.src != (0, self.pool.shape[4])
                    or head_slice.dst != (0, remote_shape[4]))
         local, remote = [], []
-        for kv in (0, 1):
-            for s, d, n in runs:
-                local += region_descs(self.pool.shape, spec.itemsize, self.agent.base, self.agent.dev,
-                                      layer, kv, s, n, head_slice.src, per_row)
-                remote += region_descs(remote_shape, spec.itemsize, remote_base, remote_dev,
-                                       layer, kv, d, n, head_slice.dst, per_row)
+        for layer in layers:
+            for kv in (0, 1):
+                for s, d, n in runs:
+                    local += region_descs(self.pool.shape, spec.itemsize, self.agent.base, self.agent.dev,
+                                          layer, kv, s, n, head_slice.src, per_row)
+                    remote += region_descs(remote_shape, spec.itemsize, remote_base, remote_dev,
+                                           layer, kv, d, n, head_slice.dst, per_row)
         agent = self.agent.agent
         mem = self.agent.mem_type
         handle = agent.initialize_xfer("WRITE", agent.get_xfer_descs(local, mem),

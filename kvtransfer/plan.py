@@ -75,6 +75,11 @@ def block_runs(src_ids: Sequence[int], dst_ids: Sequence[int],
     return runs
 
 
+def slice_block_bytes(spec, heads: tuple[int, int]) -> int:
+    """Bytes of one block of one layer's K (or V), restricted to local heads ``[start, stop)``."""
+    return spec.block_size * (heads[1] - heads[0]) * spec.head_dim * spec.itemsize
+
+
 def group_runs(runs: list[tuple[int, int, int]], min_alone: int) -> list[list[tuple[int, int, int]]]:
     """Split runs into groups that each move in one operation: a run of at least ``min_alone``
     blocks alone (a slice copy, or a zero-copy frame), consecutive shorter runs together (one

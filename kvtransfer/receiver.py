@@ -40,13 +40,14 @@ class ReceiverConfig:
     """Knobs of one decode rank's receiver."""
 
     rcvhwm: int = 4  # data messages queued per sender before it must wait
+    socket_buffer_bytes: int = 4 << 20  # kernel receive buffer (capped by net.core.rmem_max)
     max_frame_bytes: int = 256 << 20  # largest frame accepted (must exceed the sender's messages)
     park_timeout_s: float = 2.0  # how long a message of a not-yet-opened transfer waits
     nixl_poll_s: float = 0.001  # NIXL notifications drained this often while a nixl transfer is open
     history: int = 65536  # ended transfer ids remembered (their late data is dropped)
 
     def __post_init__(self) -> None:
-        if self.rcvhwm <= 0 or self.max_frame_bytes <= 0 or self.history <= 0:
+        if min(self.rcvhwm, self.socket_buffer_bytes, self.max_frame_bytes, self.history) <= 0:
             raise ValueError("ReceiverConfig counts and sizes must be positive")
         if self.park_timeout_s <= 0 or self.nixl_poll_s <= 0:
             raise ValueError("ReceiverConfig timeouts must be positive seconds")
@@ -141,6 +142,7 @@ class KVReceiver:
         ctx = zmq.Context.instance()
         self._data = ctx.socket(zmq.ROUTER)
         self._data.setsockopt(zmq.RCVHWM, self.config.rcvhwm)
+        self._data.setsockopt(zmq.RCVBUF, self.config.socket_buffer_bytes)
         self._data.setsockopt(zmq.MAXMSGSIZE, self.config.max_frame_bytes)
         self._data.setsockopt(zmq.LINGER, 0)
         self._ctrl = ctx.socket(zmq.DEALER)

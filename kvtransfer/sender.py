@@ -1,4 +1,4 @@
-"""Prefill side: one ``KVSender`` per prefill rank, one ``KVTransfer`` per request.
+"""Prefill side: one ``KVSender`` per prefill rank, one ``KVTransfer`` (transfer.py) per request.
 
 The model thread only enqueues (``send_layer`` from ``on_layer_done``, ``finish``, ``abort``); the
 sender's thread does every copy, send and WRITE, in order, so backpressure from a slow decode
@@ -11,7 +11,6 @@ import logging
 import queue
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -19,12 +18,13 @@ import zmq
 
 from kvtransfer.negotiate import capabilities
 from kvtransfer.nixl_transport import NixlWriter, nixl_available
-from kvtransfer.plan import HeadSlice, block_runs, block_span, head_slices
+from kvtransfer.plan import HeadSlice, block_runs, head_slices, slice_block_bytes
 from kvtransfer.pool import KVPool
 from kvtransfer.shm_transport import ShmWriter
+from kvtransfer.transfer import KVTransfer
 from kvtransfer.transport import Destination, RankTarget, TransferError
 from kvtransfer.wire import pack
-from kvtransfer.zmq_transport import ZmqLink, layer_messages, slice_block_bytes
+from kvtransfer.zmq_transport import ZmqLink, layer_messages
 
 logger = logging.getLogger(__name__)
 
@@ -35,76 +35,19 @@ class SenderConfig:
 
     max_message_bytes: int = 8 << 20  # zmq: bytes of K/V in one message
     sndhwm: int = 4  # zmq: messages queued per decode rank before the sender waits
+    socket_buffer_bytes: int = 4 << 20  # zmq: kernel send buffer (capped by net.core.wmem_max)
     nixl_window: int = 32  # nixl: WRITEs in flight before the sender waits
     transfer_timeout_s: float = 30.0  # give up on a transfer (capped by the destination's ttl_s)
     handshake_timeout_s: float = 5.0
     open_wait_s: float = 2.0  # shm: how long to wait for blocks to be opened on the decode rank
 
     def __post_init__(self) -> None:
-        for name in ("max_message_bytes", "sndhwm", "nixl_window"):
+        for name in ("max_message_bytes", "sndhwm", "socket_buffer_bytes", "nixl_window"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"SenderConfig.{name} must be a positive integer")
         for name in ("transfer_timeout_s", "handshake_timeout_s", "open_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SenderConfig.{name} must be positive seconds")
-
-
-class KVTransfer:
-    """One request's KV on its way from this prefill rank to a destination."""
-
-    def __init__(self, sender: "KVSender", dest: Destination, block_ids: list[int], num_tokens: int):
-        self.transfer_id = dest.transfer_id
-        self.dest = dest
-        self.block_ids = block_ids
-        self.num_tokens = num_tokens
-        self.future: Future = Future()
-        self._sender = sender
-        self._state = "open"  # open -> finished | aborted (caller side)
-        self.cancelled = False  # read by the sender thread to cut waits short
-
-    def send_layer(self, layer_idx: int, start: int = 0, stop: int | None = None) -> None:
-        """Queue layer ``layer_idx``'s K/V of tokens ``[start, stop)`` (default: all tokens).
-
-        Call it from ``on_layer_done``; for a chunked prefill pass the chunk's token range so
-        only the blocks that chunk filled are sent. Ignored after ``abort``.
-        """
-        if self._state == "aborted":
-            return
-        if self._state != "open":
-            raise RuntimeError(f"transfer {self.transfer_id} is finished; no more layers can be sent")
-        spec = self._sender.pool.spec
-        if not 0 <= layer_idx < spec.num_layers:
-            raise ValueError(f"layer {layer_idx} is outside the model's {spec.num_layers} layers")
-        stop = self.num_tokens if stop is None else stop
-        if stop > self.num_tokens:
-            raise ValueError(f"token range ends at {stop}, past the transfer's {self.num_tokens} tokens")
-        first, last = block_span(start, stop, spec.block_size)
-        self._sender._put(("layer", self, layer_idx, first, last))
-
-    def send_all(self, start: int = 0, stop: int | None = None) -> None:
-        """Queue every layer of tokens ``[start, stop)`` (prefix-cache hits, or no streaming)."""
-        for layer in range(self._sender.pool.spec.num_layers):
-            self.send_layer(layer, start, stop)
-
-    def finish(self, first_token_id: int, first_logprob: float) -> None:
-        """Every layer was sent: tell the decode side, with the first sampled token."""
-        if self._state != "open":
-            raise RuntimeError(f"transfer {self.transfer_id} was already {self._state}")
-        self._state = "finished"
-        self._sender._put(("finish", self, int(first_token_id), float(first_logprob)))
-
-    def abort(self, reason: str = "aborted by the prefill worker") -> None:
-        """Stop sending; queued layers are dropped and the decode side is told."""
-        if self._state == "aborted" or self.future.done():
-            return
-        self._state = "aborted"
-        self.cancelled = True
-        self._sender._put(("abort", self, reason))
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Block until the source blocks are no longer read. Raises TransferError if the
-        transfer failed or was aborted, TimeoutError if ``timeout`` passes first."""
-        self.future.result(timeout)
 
 
 @dataclass
@@ -248,8 +191,8 @@ class KVSender:
         try:
             if kind == "start":
                 self._begin(flight)
-            elif kind == "layer" and not transfer.cancelled:
-                self._send_layer(flight, *job[2:])
+            elif kind == "layers" and not transfer.cancelled:
+                self._send_layers(flight, *job[2:])
             elif kind == "finish" and not transfer.cancelled:
                 flight.first = (job[2], job[3])
                 flight.ending = "finish"
@@ -279,7 +222,7 @@ class KVSender:
             if not self._notify(dest.ranks[s.d_rank], start):
                 raise TransferError(f"decode rank {s.d_rank} is unreachable")
 
-    def _send_layer(self, flight: _Flight, layer: int, first: int, last: int) -> None:
+    def _send_layers(self, flight: _Flight, layers: range, first: int, last: int) -> None:
         transfer = flight.transfer
         dest = transfer.dest
         src_ids = transfer.block_ids[first:last]
@@ -287,32 +230,37 @@ class KVSender:
             target = dest.ranks[s.d_rank]
             dst_ids = list(target.block_ids[first:last])
             if dest.transport == "zmq":
-                max_bytes = self.config.max_message_bytes
-                max_blocks = max(1, max_bytes // (2 * slice_block_bytes(self.pool.spec, s.src)))
-                runs = block_runs(src_ids, dst_ids, max_blocks)
-                source = {"x": transfer.transfer_id, "s": self.sender_id, "p": self.rank, "pt": self.tp_size}
-                link = self._link(target.endpoint)
-                for parts in layer_messages(self.pool, layer, runs, s, source, max_bytes):
-                    try:
-                        tracker = link.send(parts, deadline=flight.deadline, cancelled=lambda: transfer.cancelled)
-                    except TransferError as exc:
-                        if not transfer.cancelled:
-                            self._reset_link(target.endpoint, str(exc))
-                        raise
-                    if tracker is not None:
-                        flight.trackers.append(tracker)
-                    self._count(sum(p.nbytes for p in parts[1:]))
+                self._send_frames(flight, layers, s, target, src_ids, dst_ids)
             elif dest.transport == "shm":
-                self._count(self._shm.write_layer(self.pool, layer, block_runs(src_ids, dst_ids), s, target,
-                                                  len(dest.ranks), transfer.transfer_id,
-                                                  cancelled=lambda: transfer.cancelled))
+                self._count(self._shm.write_layers(self.pool, layers, block_runs(src_ids, dst_ids), s, target,
+                                                   len(dest.ranks), transfer.transfer_id,
+                                                   cancelled=lambda: transfer.cancelled))
             else:
                 if s.d_rank not in flight.nixl_writes:
                     self._nixl.check_open(target, list(target.block_ids), transfer.transfer_id,
                                           self.config.open_wait_s, lambda: transfer.cancelled)
-                self._count(self._nixl.write_layer(layer, block_runs(src_ids, dst_ids), s, target,
-                                                   len(dest.ranks), transfer.transfer_id, self.rank))
+                self._count(self._nixl.write_layers(layers, block_runs(src_ids, dst_ids), s, target,
+                                                    len(dest.ranks), transfer.transfer_id, self.rank))
                 flight.nixl_writes[s.d_rank] = flight.nixl_writes.get(s.d_rank, 0) + 1
+
+    def _send_frames(self, flight: _Flight, layers: range, s: HeadSlice, target: RankTarget,
+                     src_ids: list[int], dst_ids: list[int]) -> None:
+        transfer = flight.transfer
+        max_bytes = self.config.max_message_bytes
+        runs = block_runs(src_ids, dst_ids, max(1, max_bytes // (2 * slice_block_bytes(self.pool.spec, s.src))))
+        source = {"x": transfer.transfer_id, "s": self.sender_id, "p": self.rank, "pt": self.tp_size}
+        link = self._link(target.endpoint)
+        for layer in layers:
+            for parts in layer_messages(self.pool, layer, runs, s, source, max_bytes):
+                try:
+                    tracker = link.send(parts, deadline=flight.deadline, cancelled=lambda: transfer.cancelled)
+                except TransferError as exc:
+                    if not transfer.cancelled:
+                        self._reset_link(target.endpoint, str(exc))
+                    raise
+                if tracker is not None:
+                    flight.trackers.append(tracker)
+                self._count(sum(p.nbytes for p in parts[1:]))
 
     def _fail(self, flight: _Flight, reason: str) -> None:
         if flight.ending is None or flight.ending == "finish":
@@ -386,7 +334,8 @@ class KVSender:
 
     def _link(self, endpoint: str) -> ZmqLink:
         if endpoint not in self._links:
-            self._links[endpoint] = ZmqLink(self._ctx, endpoint, sndhwm=self.config.sndhwm)
+            self._links[endpoint] = ZmqLink(self._ctx, endpoint, sndhwm=self.config.sndhwm,
+                                            sndbuf=self.config.socket_buffer_bytes)
         return self._links[endpoint]
 
     def _count(self, nbytes: int) -> None:

@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from kvtransfer.blockcopy import gather_blocks, scatter_blocks
-from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs
+from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs, slice_block_bytes
 from kvtransfer.pool import KVPool
 from kvtransfer.spec import KVSpec
 from kvtransfer.transport import RankTarget, TransferError
@@ -92,6 +92,11 @@ class ShmWriter:
     def _attach(self, target: RankTarget, d_tp: int) -> tuple[KVPool, OwnerTags]:
         key = target.shm_path
         if key not in self._pools:
+            for path in [p for p in self._pools if not os.path.exists(p)]:
+                # That decode worker is gone: unmap its pool so its memory is returned.
+                pool, tags = self._pools.pop(path)
+                pool.close()
+                tags.close()
             if not os.path.exists(target.shm_path) or not os.path.exists(target.owners_path):
                 raise TransferError(f"decode pool {target.shm_path} is not visible from this process: "
                                     "shm needs both workers on one host sharing /dev/shm; use zmq")
@@ -103,13 +108,16 @@ class ShmWriter:
             self._pools[key] = (pool, tags)
         return self._pools[key]
 
-    def write_layer(self, src: KVPool, layer: int, runs: list[tuple[int, int, int]],
-                    head_slice: HeadSlice, target: RankTarget, d_tp: int, transfer_id: str,
-                    cancelled) -> int:
-        """Copy one layer's runs into ``target``; returns bytes written.
+    def write_layers(self, src: KVPool, layers: range, runs: list[tuple[int, int, int]],
+                     head_slice: HeadSlice, target: RankTarget, d_tp: int, transfer_id: str,
+                     cancelled) -> int:
+        """Copy ``layers`` of the runs into ``target``; returns bytes written. The pool is
+        layer-major, so one strided copy moves a run (or one gather/scatter a group of short
+        runs) through every layer of the range at once.
 
-        Waits up to ``open_wait_s`` for the blocks to be opened. Raises TransferError if the
-        destination is stale, never opens, or ``cancelled()`` turns true while waiting.
+        Waits up to ``open_wait_s`` for the blocks to be opened for this transfer. Raises
+        TransferError if the transfer was closed on the decode rank, the blocks do not open in
+        time, or ``cancelled()`` turns true while waiting; nothing is written then.
         """
         dst, tags = self._attach(target, d_tp)
         dst_ids = [d + i for _, d, n in runs for i in range(n)]
@@ -120,19 +128,18 @@ class ShmWriter:
                                     f"({state}); dropping its data")
             time.sleep(0.0002)
         (ss, se), (ds, de) = head_slice.src, head_slice.dst
-        spec = self.spec
-        block_bytes = spec.block_size * (se - ss) * spec.head_dim * spec.itemsize
-        src_kv, dst_kv = src.kv[layer], dst.kv[layer]  # [2, num_blocks, block_size, heads, head_dim]
+        block_bytes = slice_block_bytes(self.spec, head_slice.src)
+        lo, hi = layers.start, layers.stop
+        src_kv, dst_kv = src.kv[lo:hi], dst.kv[lo:hi]  # [layers, 2, num_blocks, block_size, heads, head_dim]
         for group in group_runs(runs, max(1, SOLO_RUN_BYTES // block_bytes)):
             if len(group) == 1:
                 s, d, n = group[0]
-                dst_kv[:, d:d + n, :, ds:de].copy_(src_kv[:, s:s + n, :, ss:se])
-                continue
-            src_ids = [s + i for s, _, n in group for i in range(n)]
-            group_dst = [d + i for _, d, n in group for i in range(n)]
-            for src_part, dst_part in zip(src_kv, dst_kv):  # K, then V
-                scatter_blocks(dst_part, group_dst, (ds, de), gather_blocks(src_part, src_ids, (ss, se)))
-        return 2 * len(dst_ids) * block_bytes
+                dst_kv[:, :, d:d + n, :, ds:de].copy_(src_kv[:, :, s:s + n, :, ss:se])
+            else:
+                src_ids = [s + i for s, _, n in group for i in range(n)]
+                group_dst = [d + i for _, d, n in group for i in range(n)]
+                scatter_blocks(dst_kv, group_dst, (ds, de), gather_blocks(src_kv, src_ids, (ss, se)))
+        return 2 * len(layers) * len(dst_ids) * block_bytes
 
     def close(self) -> None:
         for pool, tags in self._pools.values():

@@ -2,9 +2,11 @@
 
 Pieces (one per file):
 - ``KVSender`` (sender.py), one per prefill rank: ``start(dest, block_ids)`` gives a
-  ``KVTransfer``; the worker calls ``send_layer(layer)`` from ``on_layer_done`` (per chunk for a
-  chunked prefill), then ``finish(first_token_id, logprob)`` or ``abort()``. Copies and sends run
-  on the sender's own thread; the model thread only enqueues.
+  ``KVTransfer`` (transfer.py); the worker calls ``send_layer(layer)`` from ``on_layer_done``
+  (per chunk for a chunked prefill; ``send_all`` for cached prefixes), then
+  ``finish(first_token_id, logprob)`` or ``abort()``, and frees the source blocks once
+  ``transfer.future`` is done. Copies and sends run on the sender's own thread; the model
+  thread only enqueues.
 - ``KVReceiver`` (receiver.py), one per decode rank: lands the KV in its rank's pool (zmq) or
   watches writers land it (shm, nixl), and reports to the coordinator.
 - ``KVCoordinator`` (coordinator.py), on decode rank 0: owns the ``ReservationTable``, builds the
@@ -24,13 +26,17 @@ Destination (decode -> router -> prefill), msgpack-able::
 Protocol for one transfer ``x`` (messages in wire.py):
 1. The coordinator reserves blocks and sends ``open(x, blocks)`` to every decode rank before it
    returns the destination; all TP ranks share one block table.
-2. Each prefill rank ``p`` writes, per layer, the kv-head slice that each decode rank ``d`` needs
-   (plan.py; equal TP degrees pair rank i with rank i). Block runs whose source AND destination
-   ids are consecutive go as one frame / copy / WRITE.
+2. Each prefill rank ``p`` announces itself to each decode rank ``d`` it writes (``start``: the
+   writer's id, so its death can release blocks even when the data bypasses ``d``), then
+   writes, per layer, the kv-head slice that ``d`` needs (plan.py; equal TP degrees pair rank i
+   with rank i). Block runs whose source AND destination ids are consecutive go as one frame /
+   copy / WRITE; on a fragmented pool the short runs of a layer are gathered and scattered in
+   one operation (blockcopy.py).
 3. After its last write to ``d``, ``p`` sends ``done(x)`` to ``d`` (prefill rank 0's ``done`` to
-   decode rank 0 carries the first token). On the zmq and shm links ``done`` follows the data
-   on the same ordered connection; on nixl every WRITE carries a notification and ``done``
-   states how many, so ``d`` counts them.
+   decode rank 0 carries the first token). Notices (``start``, ``done``, ``abort``) always go on
+   the rank's ZMQ link: for zmq after the data on the same ordered connection, for shm after
+   the copies, and for nixl every WRITE carries its own notification and ``done`` states how
+   many, so ``d`` counts them.
 4. Decode rank ``d`` reports ``rank_done(x)`` to the coordinator once every prefill rank that
    writes to it (``plan.sources_for``) sent ``done`` and its data landed.
    **Completion invariant:** the coordinator declares ``x`` done only when all decode ranks
@@ -42,13 +48,14 @@ Protocol for one transfer ``x`` (messages in wire.py):
 Ownership invariants:
 - Data for a transfer id that a rank does not hold open is dropped, never written: zmq frames
   are checked by the receiving rank; shm writers check a per-block owner tag in shared memory
-  before every copy; nixl notifications of unknown ids are ignored.
+  before every copy; nixl writers READ those tags before their first WRITE to a rank.
 - A rank holds a frame of a not-yet-opened id back (bounded: one message, then backpressure)
   until the coordinator's ``open`` or ``close`` arrives or a short timeout drops it.
 - Aborted and expired reservations stay quarantined until every rank released them: at once
   for zmq (the rank's own thread is the only writer), after the writers' ``done``/``abort`` for
   shm and nixl, or when the writer is declared dead (``peer_dead``); the quarantine timeout is
-  the last resort. Prefill gives up on a transfer after ``ttl_s``, before decode forgets it.
+  the last resort. A sender gives up ``ttl_s`` after it started, long before an expired
+  reservation's quarantine times out.
 - Bytes in flight are bounded: zmq high-water marks and a bounded message size, a window of
   outstanding NIXL writes, synchronous shm copies. A slow receiver stalls the sender's thread,
   never the model thread and never growing a buffer.

@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from kvtransfer.blockcopy import gather_blocks, scatter_blocks
-from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs
+from kvtransfer.plan import SOLO_RUN_BYTES, HeadSlice, group_runs, slice_block_bytes
 from kvtransfer.pool import KVPool
 from kvtransfer.transport import TransferError
 from kvtransfer.wire import WireError, int_list, pack
@@ -25,10 +25,11 @@ from kvtransfer.wire import WireError, int_list, pack
 class ZmqLink:
     """The prefill rank's DEALER connection to one decode rank's endpoint (data and notices)."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, *, sndhwm: int, poll_ms: int = 20):
+    def __init__(self, ctx: zmq.Context, endpoint: str, *, sndhwm: int, sndbuf: int, poll_ms: int = 20):
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.SNDHWM, sndhwm)
+        self.sock.setsockopt(zmq.SNDBUF, sndbuf)  # big kernel buffers: fewer, larger socket writes
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDTIMEO, poll_ms)
         self.sock.connect(endpoint)
@@ -70,11 +71,6 @@ def _wire_bytes(t: torch.Tensor):
     if t.device.type != "cpu":
         t = t.cpu()
     return t.contiguous().view(-1).view(torch.uint8).numpy()
-
-
-def slice_block_bytes(spec, heads: tuple[int, int]) -> int:
-    """Bytes of one block of one layer's K (or V) restricted to ``heads``."""
-    return spec.block_size * (heads[1] - heads[0]) * spec.head_dim * spec.itemsize
 
 
 def layer_messages(pool: KVPool, layer: int, runs: list[tuple[int, int, int]], head_slice: HeadSlice,

@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--model", help="model directory for --spawn (default: the built-in demo model)")
     target.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                         help="KV transport of spawned disaggregated clusters (default: auto)")
-    target.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each spawned worker (default: 1)")
+    target.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel size of each spawned worker (default: 1)")
     target.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S",
                         help="fail a request when nothing arrives for it for S seconds, so a lost "
                              f"request cannot stall the run (default: {DEFAULT_TIMEOUT_S:g})")
@@ -59,13 +60,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="gamma shape of the gaps: 1 = Poisson, <1 burstier, >1 steadier (default: 1)")
     load.add_argument("--max-concurrency", type=int,
                       help="at most this many requests in flight (a closed loop with --request-rate inf)")
-    load.add_argument("--num-warmups", type=int, default=2, help="unmeasured requests sent first (default: 2)")
+    load.add_argument("--num-warmups", type=int, default=2,
+                      help="unmeasured requests sent first (default: 2)")
     load.add_argument("--seed", type=int, default=0,
                       help="seed of prompts and arrivals (default: 0); change it between runs against "
                            "one long-running server, whose prefix cache would otherwise hold the prompts")
 
     work = parser.add_argument_group("workload")
-    work.add_argument("--input-len", type=int, default=128, help="random prompt length in tokens (default: 128)")
+    work.add_argument("--input-len", type=int, default=128,
+                      help="random prompt length in tokens (default: 128)")
     work.add_argument("--output-len", type=int, default=32, help="tokens to generate (default: 32)")
     work.add_argument("--range-ratio", type=float, default=0.0,
                       help="lengths uniform in [len*(1-r), len*(1+r)], 0 <= r < 1 (default: 0)")
@@ -74,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     work.add_argument("--dataset", metavar="PATH",
                       help='JSONL prompts: {"prompt": text or "prompt_token_ids": [...], "output_len": n}')
     work.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
-    work.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    work.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature (default: 0, greedy)")
     work.add_argument("--vocab-size", type=int,
                       help="token ids of random prompts are below this (default: the server's, else 256)")
 
@@ -86,11 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slo.add_argument("--sweep-rate", action="store_true",
                      help="find the highest request rate keeping SLO attainment >= --slo-target, "
                           "starting from --request-rate (1 req/s when inf)")
-    slo.add_argument("--sweep-max-runs", type=int, default=8, help="runs per configuration in a sweep (default: 8)")
+    slo.add_argument("--sweep-max-runs", type=int, default=8,
+                     help="runs per configuration in a sweep (default: 8)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write the results as JSON")
-    out.add_argument("--plot", metavar="PATH.png", help="draw latency CDFs and goodput vs rate (needs matplotlib)")
+    out.add_argument("--plot", metavar="PATH.png",
+                     help="draw latency CDFs and goodput vs rate (needs matplotlib)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -210,17 +216,24 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
                             max_rate_at_slo=outcome.best_rate)
 
 
-def _bench_all(args: argparse.Namespace, settings: BenchSettings,
-               specs: list[ClusterSpec]) -> list[ConfigResult]:
-    if not specs:
-        return [run_event_loop(bench_endpoint(args.endpoint, args.endpoint, settings))]
+def _bench_all(args: argparse.Namespace, settings: BenchSettings, specs: list[ClusterSpec],
+               endpoint: str | None) -> list[ConfigResult]:
+    if endpoint is not None:
+        return [run_event_loop(bench_endpoint(endpoint, endpoint, settings))]
     results = []
     options = {"model": args.model, "kv_transport": args.kv_transport, "tp": args.tp}
     for spec in specs:
         _log(f"[{spec.name}] starting the cluster ...")
-        with spawned_cluster(spec, **options) as endpoint:
-            results.append(run_event_loop(bench_endpoint(endpoint, spec.name, settings)))
+        with spawned_cluster(spec, **options) as spawned_endpoint:
+            results.append(run_event_loop(bench_endpoint(spawned_endpoint, spec.name, settings)))
     return results
+
+
+def _target_params(args: argparse.Namespace, specs: list[ClusterSpec], endpoint: str | None) -> dict:
+    if endpoint is not None:
+        return {"endpoint": endpoint}
+    return {"spawn": [spec.name for spec in specs], "model_dir": args.model, "tp": args.tp,
+            "kv_transport": args.kv_transport}
 
 
 def _check_output_path(option: str, path: str | None) -> None:
@@ -236,8 +249,7 @@ def run(args: argparse.Namespace) -> int:
         if specs and args.endpoint:
             raise ValueError("give either --endpoint (a running server) or --spawn CONFIG... (start "
                              "local clusters), not both")
-        if not specs and not args.endpoint:
-            args.endpoint = default_endpoint("client")
+        endpoint = None if specs else args.endpoint or default_endpoint("client")
         if not specs and (args.model or args.tp != 1 or args.kv_transport != "auto"):
             raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "
                              "already has its own")
@@ -253,13 +265,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     started = time.time()
     try:
-        results = _bench_all(args, settings, specs)
-    except ValueError as exc:  # a bad dataset or vocabulary size, found once the server answered
+        results = _bench_all(args, settings, specs, endpoint)
+    except (ValueError, BenchError, OSError, RuntimeError) as exc:
+        # ValueError here: a bad dataset or --vocab-size, found once the server answered
         _log(f"pdserve bench: error: {exc}")
-        return 2
-    except (BenchError, OSError, RuntimeError) as exc:
-        _log(f"pdserve bench: error: {exc}")
-        return 1
+        return 2 if isinstance(exc, ValueError) else 1
     except KeyboardInterrupt:
         _log("pdserve bench: interrupted")
         return 130
@@ -270,13 +280,12 @@ def run(args: argparse.Namespace) -> int:
             _log(f"[{result.name}] {count} request(s) failed: {message}")
     if args.json:
         params = {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-                  **({"spawn": [s.name for s in specs], "tp": args.tp, "kv_transport": args.kv_transport} if specs
-                     else {"endpoint": args.endpoint}), **settings.params()}
+                  **_target_params(args, specs, endpoint), **settings.params()}
         write_json(args.json, results_json(params, results, compare=bool(specs)))
     if args.plot:
         plot_results(args.plot, results, settings.sweep.target if settings.sweep else None)
-    if any(result.summary["completed"] == 0 for result in results):
-        _log("pdserve bench: error: no request completed in "
-             + ", ".join(r.name for r in results if r.summary["completed"] == 0))
+    failed = [result.name for result in results if result.summary["completed"] == 0]
+    if failed:
+        _log(f"pdserve bench: error: no request completed in {', '.join(failed)}")
         return 1
     return 0

@@ -26,8 +26,8 @@ class ConfigResult:
     """Everything reported about one configuration (one server setup)."""
 
     name: str
-    summary: dict                                   # metrics of the headline run, + "request_rate"
-    samples_ms: dict[str, list[float]]              # latency samples of that run, for the CDFs
+    summary: dict  # the headline run: summarize() keys + request_rate, model, vocab_size, errors
+    samples_ms: dict[str, list[float]]  # latency samples of that run, for the CDFs
     sweep: list[dict] = field(default_factory=list)  # one summary per swept rate, by rate
     max_rate_at_slo: float | None = None
 
@@ -67,6 +67,7 @@ class ProgressBar:
 
 # -- table ---------------------------------------------------------------------------------
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
+_STAT_NAMES = {"mean": "Mean", "median": "Median", "p90": "P90", "p99": "P99"}
 _TITLES = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st)",
            "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
 _ROWS = [("Successful requests", "completed", "{:d}"),
@@ -97,7 +98,7 @@ def format_table(results: list[ConfigResult]) -> str:
     for metric in LATENCY_METRICS:
         rows.append(_TITLES[metric])
         for stat in STATISTICS:
-            label = f"{stat.capitalize() if stat in ('mean', 'median') else stat.upper()} {_NAMES[metric]} (ms)"
+            label = f"{_STAT_NAMES[stat]} {_NAMES[metric]} (ms)"
             rows.append((label, [_cell(r.summary.get(f"{stat}_{metric}_ms"), "{:.2f}") for r in results]))
     label_width = max(len(row[0]) for row in rows if isinstance(row, tuple))
     column_width = max([12] + [len(r.name) for r in results]

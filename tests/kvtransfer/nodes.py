@@ -94,8 +94,8 @@ class DecodeNode:
                 break
         return self.stats()
 
-    def abort(self, transfer_id: str) -> bool:
-        return self.coord.abort(transfer_id)
+    def abort(self, transfer_id: str, published: bool = True) -> bool:
+        return self.coord.abort(transfer_id, published=published)
 
     def peer_dead(self, peer_id: str) -> None:
         self.coord.peer_dead(peer_id)
@@ -158,8 +158,11 @@ class PrefillNode:
         self.transfers[dest["transfer_id"]] = self.sender.start(dest, block_ids, num_tokens)
 
     def send(self, transfer_id: str, layers: list[int] | None = None, start: int = 0, stop: int | None = None) -> None:
+        """The listed layers one by one (as ``on_layer_done`` does), or all at once (``send_all``)."""
         transfer = self.transfers[transfer_id]
-        for layer in range(self.spec.num_layers) if layers is None else layers:
+        if layers is None:
+            transfer.send_all(start, stop)
+        for layer in layers or []:
             transfer.send_layer(layer, start, stop)
 
     def finish(self, transfer_id: str, token: int = 7, logprob: float = -0.25) -> None:

@@ -1,6 +1,7 @@
 """Bad input to the public API fails at once with an error that says what to change."""
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import pytest
@@ -10,6 +11,7 @@ from kvtransfer.coordinator import KVCoordinator
 from kvtransfer.pool import KVPool
 from kvtransfer.receiver import KVReceiver, ReceiverConfig
 from kvtransfer.sender import KVSender, SenderConfig
+from kvtransfer.shm_transport import shm_pool_files
 from kvtransfer.spec import KVSpec
 from kvtransfer.transport import Destination
 
@@ -37,6 +39,13 @@ def dest(**overrides):
 def test_bad_destinations(bad, message):
     with pytest.raises(ValueError, match=message):
         Destination.parse(bad)
+
+
+@pytest.fixture
+def run_dir():
+    path = tempfile.mkdtemp(prefix="kvv-")  # short: ipc paths are limited to ~100 characters
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -81,8 +90,7 @@ def test_bad_configs_and_ranks():
         KVSender(KVPool(SPEC, 8), sender_id="")
 
 
-def test_coordinator_and_receiver_setup_errors():
-    run_dir = tempfile.mkdtemp(prefix="kvv-")
+def test_coordinator_and_receiver_setup_errors(run_dir):
     with pytest.raises(ValueError, match="cannot bind"):
         KVCoordinator(BlockAllocator(8, 4), endpoint="tcp://256.0.0.1:1")
     coord = KVCoordinator(BlockAllocator(8, 4), endpoint=f"ipc://{run_dir}/c", tp_size=2)
@@ -98,7 +106,6 @@ def test_coordinator_and_receiver_setup_errors():
             with pytest.raises(ValueError, match="cannot bind"):  # the port is taken
                 KVReceiver(KVPool(SPEC, 8), endpoint=receiver.describe()["endpoint"], coordinator=coord.endpoint)
             with pytest.raises(ValueError, match="backend='shm'"):
-                from kvtransfer.shm_transport import shm_pool_files
                 shm_pool_files(KVPool(SPEC, 8))
         finally:
             receiver.close()
@@ -106,8 +113,18 @@ def test_coordinator_and_receiver_setup_errors():
         coord.close()
 
 
-def test_unsupported_transport_is_refused_at_reserve():
-    run_dir = tempfile.mkdtemp(prefix="kvv-")
+def test_a_rank_with_a_differently_sized_pool_is_refused(run_dir):
+    coord = KVCoordinator(BlockAllocator(8, 4), endpoint=f"ipc://{run_dir}/c")
+    receiver = KVReceiver(KVPool(SPEC, 6), endpoint=f"ipc://{run_dir}/r", coordinator=coord.endpoint)
+    try:
+        with pytest.raises(ValueError, match="pool has 6 blocks but the allocator hands out 8"):
+            coord.wait_ready(10)
+    finally:
+        receiver.close()
+        coord.close()
+
+
+def test_unsupported_transport_is_refused_at_reserve(run_dir):
     coord = KVCoordinator(BlockAllocator(8, 4), endpoint=f"ipc://{run_dir}/c")
     receiver = KVReceiver(KVPool(SPEC, 8), endpoint=f"ipc://{run_dir}/r", coordinator=coord.endpoint)
     try:
