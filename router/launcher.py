@@ -28,8 +28,20 @@ from router.security import check_bind
 
 log = logging.getLogger("pdserve.launcher")
 PARENT_ENV = "PDSERVE_PARENT_PID"
+THREADS_ENV = "PDSERVE_NUM_THREADS"
+
+
+def threads_per_rank(num_ranks: int, num_cores: int | None = None) -> int:
+    """Matmul threads for each of ``num_ranks`` worker processes on this host.
+
+    One core is left to the router and the clients: oversubscribed cores stall the model's
+    thread barriers far more than one idle core costs.
+    """
+    num_cores = num_cores or os.cpu_count() or 1
+    return max(1, (num_cores - 1) // max(1, num_ranks)) if num_cores > 1 else 1
 _ROUTER_FLAGS = {"max_queue": "--max-queue", "heartbeat_timeout_s": "--heartbeat-timeout",
-                 "unavailable_timeout_s": "--unavailable-timeout"}
+                 "unavailable_timeout_s": "--unavailable-timeout", "handoff_timeout_s": "--handoff-timeout",
+                 "prefill_stall_timeout_s": "--prefill-stall-timeout"}
 
 
 @dataclass
@@ -160,7 +172,8 @@ class LocalCluster:
         return worker
 
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
-        env = {**os.environ, **(self.env or {}), PARENT_ENV: str(os.getpid())}
+        env = {THREADS_ENV: str(threads_per_rank(len(self.roles) * self.engine["tp"])),
+               **os.environ, **(self.env or {}), PARENT_ENV: str(os.getpid())}
         out = None if self.log_to_stderr else open(self.run_dir / f"{name}.log", "ab")
         try:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr,
