@@ -3,7 +3,8 @@
 Every rank executes the same plan (``run_prefill_plan``) on its own shard: it runs the
 chunks through its model and, from the runner's per-layer hook, pushes that layer's K/V for
 every chunk's blocks to the destination the decode worker reserved. A request's local
-blocks are released only after its transfer has let go of them (``KVSender`` reports it).
+blocks are released only once every rank's transfer has let go of them: ranks wait for the
+transfers that finish (or abort) in a step before reporting the step done.
 """
 from __future__ import annotations
 
@@ -82,12 +83,6 @@ def _settle(transfer, timeout_s: float) -> str | None:
     return None
 
 
-def _prompt_dest(dest: dict, num_blocks: int) -> dict:
-    """The decode side reserved blocks for the whole sequence; the prompt fills the first ones."""
-    return {**dest, "ranks": [{**rank, "block_ids": rank["block_ids"][:num_blocks]}
-                              for rank in dest["ranks"]]}
-
-
 class PrefillEngine:
     def __init__(self, runner: ModelRunner, transfers: RankTransfers, *,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 64):
@@ -104,13 +99,13 @@ class PrefillEngine:
     def add(self, rid: str, transfer_id: str, token_ids: list[int], sampling: dict,
             dest: dict, output_index: int) -> None:
         """Queue a prompt. Raises ValueError for a malformed request."""
-        params, _ = parse_request_options(sampling, eos_token_ids=(), max_model_len=self.runner.max_model_len)
+        params, stop = parse_request_options(sampling, eos_token_ids=self.runner.config.eos_token_ids,
+                                             max_model_len=self.runner.max_model_len)
         if not token_ids or len(token_ids) >= self.runner.max_model_len:
             raise ValueError(f"a prompt of {len(token_ids)} tokens does not fit "
                              f"max model length {self.runner.max_model_len}")
         request = PrefillRequest(rid=rid, transfer_id=transfer_id, token_ids=list(token_ids),
-                                 sampling=params, dest=dest, output_index=output_index)
-        request.options = sampling
+                                 sampling=params, dest=dest, output_index=output_index, stop=stop)
         self.scheduler.add(request)
 
     def abort(self, rid: str) -> None:
@@ -134,7 +129,6 @@ class PrefillEngine:
         chunks = self.scheduler.schedule()
         if not chunks and not self._aborts:
             return None
-        bs = self.runner.block_size
         sends = []
         for c in chunks:
             r = c.request
@@ -143,8 +137,8 @@ class PrefillEngine:
                     # The first chunk also ships the blocks found in the prefix cache.
                     "start": 0 if begin else c.start, "stop": c.end}
             if begin:
-                num_blocks = -(-r.num_tokens // bs)
-                send.update(dest=_prompt_dest(r.dest, num_blocks), src=r.block_ids, num_tokens=r.num_tokens)
+                # The destination holds blocks for the whole sequence; the prompt fills the first.
+                send.update(dest=r.dest, src=r.block_ids, num_tokens=r.num_tokens)
                 self._sending[r.transfer_id] = r
             sends.append(send)
         wire = [chunk_to_wire(SequenceChunk(c.request.token_ids[c.start:c.end], c.start,
@@ -178,10 +172,8 @@ class PrefillEngine:
                 continue
             self.scheduler.complete(chunk)
             if chunk.is_last:
-                _, stop = parse_request_options(request.options,
-                                                eos_token_ids=self.runner.config.eos_token_ids,
-                                                max_model_len=self.runner.max_model_len)
-                reason = stop.check(result.token_id, request.output_index + 1, request.num_tokens + 1)
+                # The decode worker applies the same rules to the same token and frees itself.
+                reason = request.stop.check(result.token_id, request.output_index + 1, request.num_tokens + 1)
                 finished.append((request, result, reason))
                 self._forget(request)
         for transfer_id in self._plan_aborts:

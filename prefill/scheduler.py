@@ -11,6 +11,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from decode.sequence import StopCriteria
 from kvtransfer.allocator import BlockAllocator
 from models.sampler import SamplingParams
 
@@ -27,6 +28,7 @@ class PrefillRequest:
     num_computed: int = 0        # prompt tokens whose KV is in the local pool
     num_prefix_hit: int = 0      # of which came from the prefix cache
     arrival: float = field(default_factory=time.monotonic)
+    stop: StopCriteria | None = None   # decides whether the first token already ends it
 
     @property
     def num_tokens(self) -> int:
