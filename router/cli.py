@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds of worker silence before it is declared dead")
     router.add_argument("--unavailable-timeout", type=float, default=30.0,
                         help="seconds a request waits for a missing worker role")
+    router.add_argument("--handoff-timeout", type=float, default=30.0,
+                        help="seconds before a lost Allocate or KV hand-off is retried")
+    router.add_argument("--prefill-stall-timeout", type=float, default=120.0,
+                        help="seconds a prefill worker may hold requests without any first token")
     router.add_argument("--shutdown-workers", action="store_true",
                         help="tell registered workers to shut down when the router stops")
 
@@ -127,7 +131,9 @@ def cmd_router(args) -> int:
                           backend=args.backend or default_endpoint("workers"), model_dir=args.model,
                           curve_dir=args.curve_dir, kv_transport=args.kv_transport,
                           max_queue=args.max_queue, heartbeat_timeout_s=args.heartbeat_timeout,
-                          unavailable_timeout_s=args.unavailable_timeout)
+                          unavailable_timeout_s=args.unavailable_timeout,
+                          handoff_timeout_s=args.handoff_timeout,
+                          prefill_stall_timeout_s=args.prefill_stall_timeout)
 
     def ready(_router) -> None:
         print(f"pdserve router ready: clients {config.frontend}, workers {config.backend}", flush=True)

@@ -77,6 +77,7 @@ class AsyncStream:
     def __init__(self, client: "AsyncClient", rid: str, inbox: _Inbox):
         self._client, self.rid, self._inbox = client, rid, inbox
         self._done = False
+        self.arrival = 0.0  # time.perf_counter() when the last chunk reached the socket
 
     def __aiter__(self) -> "AsyncStream":
         return self
@@ -85,7 +86,7 @@ class AsyncStream:
         if self._done:
             raise StopAsyncIteration
         try:
-            msg, _ = await self._inbox.get(self._client.timeout)
+            msg, self.arrival = await self._inbox.get(self._client.timeout)
         except BaseException:
             self._close(cancel=True)
             raise
@@ -181,14 +182,13 @@ class AsyncClient:
         finish, num_prompt = P.FINISH_ABORT, 0
         stream = self.generate(prompt, **kwargs)
         async for chunk in stream:
-            now = time.perf_counter()
             token_ids += chunk.token_ids
-            times += [now] * len(chunk.token_ids)
+            times += [stream.arrival] * len(chunk.token_ids)
             texts.append(chunk.text)
             num_prompt = chunk.num_prompt_tokens
             if chunk.finish_reason is not None:
                 finish = chunk.finish_reason
-        end = time.perf_counter()
+        end = stream.arrival
         ttft = (times[0] - start) if times else end - start
         itl = [b - a for a, b in zip(times, times[1:])]
         tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0

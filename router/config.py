@@ -37,6 +37,8 @@ class RouterConfig:
     heartbeat_timeout_s: float = 5.0     # a worker silent this long is dead
     unavailable_timeout_s: float = 30.0  # a request waits this long for a missing role
     max_attempts: int = 8                # prefill/decode attempts per request (failovers)
+    handoff_timeout_s: float = 30.0      # a lost Allocate/KV hand-off is retried after this
+    prefill_stall_timeout_s: float = 120.0  # a prefill worker with work and no first token for this long lost it
     tick_s: float = 0.1                  # housekeeping period (liveness, waiting bounds)
 
     def __post_init__(self) -> None:
@@ -50,7 +52,8 @@ class RouterConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("heartbeat_timeout_s", "unavailable_timeout_s", "tick_s"):
+        for name in ("heartbeat_timeout_s", "unavailable_timeout_s", "handoff_timeout_s",
+                     "prefill_stall_timeout_s", "tick_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")

@@ -31,6 +31,7 @@ class ProtocolError(ValueError):
 FINISH_STOP = "stop"      # EOS token, a stop token id, or a stop string
 FINISH_LENGTH = "length"  # max_tokens reached, or the max model length
 FINISH_ABORT = "abort"    # cancelled, deadline, or the server gave up on the request
+FREE_UNWRITTEN = "unwritten"  # Free.reason: the reservation was never handed to a KV writer
 
 # Error codes carried in Error.code.
 ERR_INVALID = "invalid_request"
@@ -207,7 +208,11 @@ class Tokens(Message):
 
 @dataclass
 class Free(Message):
-    """Router -> worker: the request is over (finished, stopped or aborted); free everything."""
+    """Router -> worker: the request is over (finished, stopped or aborted); free everything.
+
+    ``reason`` is a finish reason, or ``FREE_UNWRITTEN``: no prefill worker was ever sent this
+    reservation, so nothing can write into its blocks and they can be reused at once.
+    """
     TAG: ClassVar[int] = 18
     rid: str
     reason: str = FINISH_ABORT

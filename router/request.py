@@ -15,6 +15,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from router import protocol as P
 from router.output import OutputProcessor
 from router.validation import RequestSpec
 
@@ -49,16 +50,36 @@ class Request:
     transfer_id: str = ""
     decode: "WorkerRecord | None" = None
     prefill: "WorkerRecord | None" = None
-    transport: str = ""
     decode_holds: bool = False        # the decode worker has state for this rid (needs Free)
     prefill_holds: bool = False       # the prefill worker has state for this rid (needs Free)
     num_blocks: int = 0               # blocks counted against ``decode``
     prefill_tokens: int = 0           # tokens counted against ``prefill``
     started: bool = False             # the decode worker runs this attempt (its Tokens count)
+    handoff_since: float | None = None  # when the current hand-off began (None: none pending)
     got_first: bool = False           # this attempt's first token arrived
     early: list = field(default_factory=list)  # decode tokens that overtook the first token
     text: list[str] = field(default_factory=list)  # non-streaming: text so far
     deadline: "asyncio.TimerHandle | None" = None
+
+    def accept_token(self, token_id: int, reason: str | None) -> tuple[str, str | None]:
+        """Append one output token. Returns (text to stream, finish reason or None).
+
+        ``reason`` is the worker's verdict; stop strings, stop token ids / EOS and max_tokens
+        are checked here too, so the router never streams past a stop whatever the workers do.
+        """
+        self.output_ids.append(token_id)
+        text, stopped = self.output.push(token_id)
+        if stopped:
+            return text, P.FINISH_STOP
+        if reason is None:
+            if token_id in self.stop_ids:
+                reason = P.FINISH_STOP
+            elif len(self.output_ids) >= self.spec.max_tokens:
+                reason = P.FINISH_LENGTH
+            else:
+                return text, None
+        tail, stopped = self.output.finish()
+        return text + tail, P.FINISH_STOP if stopped else reason
 
     @property
     def context_ids(self) -> list[int]:

@@ -1,4 +1,4 @@
-"""The router's request state machine: admission, dispatch, token streaming, finish, failover.
+"""The router's request state machine: queue, dispatch, token streaming, finish, failover.
 
 Single-threaded (the router's event loop). Messages leave through an ``Outbox`` (the router's
 sockets). Invariants:
@@ -54,7 +54,6 @@ class RequestScheduler:
         self.by_client: dict[bytes, dict[str, Request]] = {}
         self.admission = Admission(config, registry)
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
-        self.unserveable_since: float | None = time.monotonic()
 
     # -- clients ---------------------------------------------------------------------------
     def submit(self, client: bytes, msg: P.Generate) -> None:
@@ -108,7 +107,7 @@ class RequestScheduler:
         else:
             hashes = block_hashes(context, spec.block_size)
             candidates = [w for w in self.registry.alive()
-                          if self.registry.transport_for(w, decode) is not None]
+                          if w.role == "prefill" and self.registry.transport_for(w, decode) is not None]
             prefill = pick_prefill(candidates, len(context), hashes, spec.block_size)
             if prefill is None:
                 return False
@@ -116,7 +115,8 @@ class RequestScheduler:
         req.attempt += 1
         req.transfer_id = f"{req.rid}.{req.attempt}"
         req.state = State.ALLOCATING
-        req.decode, req.prefill, req.transport = decode, prefill, transport
+        req.handoff_since = time.monotonic()
+        req.decode, req.prefill = decode, prefill
         req.prompt_hashes = hashes
         req.num_blocks, req.prefill_tokens = num_blocks, len(context)
         decode.reserved_blocks += num_blocks
@@ -149,6 +149,7 @@ class RequestScheduler:
             worker.is_full = True  # after _requeue, which clears it; no schedule() until room
             return
         req.state = State.PREFILLING
+        req.handoff_since = time.monotonic()
         req.prefill_holds = True
         if req.prefill is not worker:
             req.prefill.prefix.add(req.prompt_hashes)
@@ -160,6 +161,7 @@ class RequestScheduler:
         req = self._current(msg.rid, msg.transfer_id, worker, "decode")
         if req is not None:
             req.started = True
+            req.handoff_since = None
 
     def on_first_token(self, worker: WorkerRecord, msg: P.FirstToken) -> None:
         req = self._current(msg.rid, msg.transfer_id, worker, "prefill")
@@ -167,11 +169,13 @@ class RequestScheduler:
             return
         self._release_prefill(req)
         worker.num_prefilled += 1
+        worker.last_progress = time.monotonic()
         req.prefill_holds = False
         req.got_first = True
         req.state = State.DECODING
         if req.prefill is req.decode:
             req.started = True  # colocated: this worker's later Tokens are this attempt's
+        req.handoff_since = None if req.started else time.monotonic()  # the KV must land next
         reason = msg.finish_reason if msg.finish_reason in FINISH_REASONS else None
         if reason is not None and req.prefill is req.decode:
             req.decode_holds = False  # the colocated worker ended it itself
@@ -208,7 +212,7 @@ class RequestScheduler:
         if msg.transfer_id and msg.transfer_id != req.transfer_id:
             return
         log.warning("worker %s failed request %s: %s", worker.worker_id, req.rid, msg.message)
-        self._retry(req, f"worker {worker.worker_id} failed it: {msg.message}")
+        self.retry(req, f"worker {worker.worker_id} failed it: {msg.message}")
 
     def on_worker_dead(self, worker: WorkerRecord) -> None:
         """Every request that needed the dead worker starts over elsewhere (failover)."""
@@ -217,48 +221,37 @@ class RequestScheduler:
                 if decode.role == "decode":
                     self.outbox.to_worker(decode, P.PeerDead(worker.worker_id))
         for req in list(self.requests.values()):
-            if req.decode is worker or (req.prefill is worker and req.prefill_holds):
+            # A prefill worker that dies right after sending FirstToken may never have told the
+            # decode worker its KV was complete: until Started arrives, the attempt depends on it.
+            needs_writer = req.prefill is worker and (req.prefill_holds or not req.started)
+            if req.decode is worker or needs_writer:
                 if req.decode is worker:
                     req.decode_holds = False
                 if req.prefill is worker:
                     req.prefill_holds = False
                 self.counters["failovers"] += 1
-                self._retry(req, f"worker {worker.worker_id} died")
-        self._update_serveable()
+                self.retry(req, f"worker {worker.worker_id} died")
 
     def on_capacity(self, worker: WorkerRecord | None = None) -> None:
         """A worker registered, or reported load: it may take queued requests again."""
         if worker is not None:
             worker.is_full = False
-        self._update_serveable()
         self.schedule()
 
     # -- emitting and finishing ---------------------------------------------------------------
     def _emit(self, req: Request, token_id: int, reason: str | None) -> bool:
         """Stream one output token. Returns False once the request is finished."""
-        req.output_ids.append(token_id)
-        text, stopped = req.output.push(token_id)
-        if stopped:
-            reason = P.FINISH_STOP
-        elif reason is None:
-            if token_id in req.stop_ids:
-                reason = P.FINISH_STOP
-            elif len(req.output_ids) >= req.spec.max_tokens:
-                reason = P.FINISH_LENGTH
-        if reason is None:
-            if req.spec.stream:
-                if not self.outbox.chunk(req, [token_id], text, None):
-                    self._finish(req, P.FINISH_ABORT, [], "", notify=False)
-                    return False
-            elif text:
-                req.text.append(text)
-            return True
-        if not stopped:
-            tail, stopped = req.output.finish()
-            text += tail
-            reason = P.FINISH_STOP if stopped else reason
-        self._finish(req, reason, [token_id], text)
-        return False
+        text, reason = req.accept_token(token_id, reason)
+        if reason is not None:
+            self._finish(req, reason, [token_id], text)
+            return False
+        if req.spec.stream:
+            if not self.outbox.chunk(req, [token_id], text, None):
+                self._finish(req, P.FINISH_ABORT, [], "", notify=False)  # the client is gone
+                return False
+        elif text:
+            req.text.append(text)
+        return True
 
     def _finish(self, req: Request, reason: str, token_ids: list[int], text: str, *,
                 notify: bool = True, error: tuple[str, str] | None = None) -> None:
@@ -299,7 +292,8 @@ class RequestScheduler:
             self.fail(req, P.ERR_TIMEOUT, f"the request did not finish within its timeout_s of "
                                           f"{req.spec.timeout_s:g}s")
 
-    def _retry(self, req: Request, why: str) -> None:
+    def retry(self, req: Request, why: str) -> None:
+        """Start the request over on other workers, keeping its output so far (failover)."""
         if req.attempt >= self.config.max_attempts:
             self.fail(req, P.ERR_INTERNAL, f"gave up after {req.attempt} attempts; last: {why}")
             return
@@ -314,13 +308,16 @@ class RequestScheduler:
         req.state = State.QUEUED
         req.decode = req.prefill = None
         req.started = req.got_first = False
+        req.handoff_since = None
         req.early.clear()
         req.queued_at = time.monotonic()
         self.waiting.appendleft(req)
 
     def _free_on_workers(self, req: Request) -> None:
         if req.decode_holds and req.decode is not None and req.decode.alive:
-            self.outbox.to_worker(req.decode, P.Free(req.transfer_id))
+            unwritten = req.state is State.ALLOCATING and req.prefill is not req.decode
+            self.outbox.to_worker(req.decode, P.Free(req.transfer_id,
+                                                     P.FREE_UNWRITTEN if unwritten else P.FINISH_ABORT))
         if (req.prefill_holds and req.prefill is not None and req.prefill.alive
                 and not (req.decode_holds and req.prefill is req.decode)):
             self.outbox.to_worker(req.prefill, P.Free(req.transfer_id))
@@ -339,25 +336,6 @@ class RequestScheduler:
             req.decode.num_decoding -= 1
             req.decode.is_full = False
             req.num_blocks = 0
-
-    # -- housekeeping ----------------------------------------------------------------------
-    def _update_serveable(self) -> None:
-        alive = self.registry.alive()
-        serveable = any(w.role == "both" for w in alive) or (
-            any(w.role == "decode" for w in alive) and any(w.role == "prefill" for w in alive))
-        if serveable:
-            self.unserveable_since = None
-        elif self.unserveable_since is None:
-            self.unserveable_since = time.monotonic()
-
-    def tick(self, now: float) -> None:
-        """Fail queued requests that waited too long for a missing worker role."""
-        if self.unserveable_since is None:
-            return
-        bound = self.config.unavailable_timeout_s
-        for req in [r for r in self.waiting if now - max(r.queued_at, self.unserveable_since) > bound]:
-            self.fail(req, P.ERR_UNAVAILABLE, f"no worker could serve the request for {bound:g}s "
-                                              "(a prefill or decode worker is missing); start workers and retry")
 
     def stats(self) -> dict:
         states = dict.fromkeys((s.value for s in State if s is not State.DONE), 0)

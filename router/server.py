@@ -24,6 +24,7 @@ from router.request import Request
 from router.scheduler import RequestScheduler
 from router.security import CurveKeys
 from router.sockets import LoopSocket
+from router.watchdog import Watchdog
 from router.workers import RegistrationError, WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
@@ -61,6 +62,7 @@ class Router:
         self.registry = WorkerRegistry(model.fingerprint if model else None, config.kv_transport)
         self.scheduler = RequestScheduler(config, self.registry, self, model)
         self.started_at = time.monotonic()
+        self.watchdog = Watchdog(self.scheduler, self.started_at)
         self._ctx: zmq.Context | None = None
         self._auth = None
         self._frontend: LoopSocket | None = None
@@ -118,7 +120,7 @@ class Router:
             self._tick_task.cancel()
         # Let the last errors and Shutdowns reach their peers before the sockets go.
         self._frontend.close(linger_ms=500)
-        self._backend.close(linger_ms=2000 if stop_workers else 0)
+        self._backend.close(linger_ms=500 if stop_workers else 0)
         self._frontend = self._backend = None
         self._stop_auth()
         self._ctx.term()
@@ -136,7 +138,7 @@ class Router:
                 log.warning("worker %s sent nothing for %.1fs: declared dead", worker.worker_id,
                             now - worker.last_seen)
                 self._worker_dead(worker)
-            self.scheduler.tick(now)
+            self.watchdog.tick(now)
 
     # -- clients ----------------------------------------------------------------------------
     def _on_client(self, frames: list[bytes]) -> None:

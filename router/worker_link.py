@@ -6,7 +6,7 @@ Used by rank 0 of every prefill / decode / colocated worker::
                       on_router_lost=worker.on_router_lost, heartbeat_s=0.5, curve_dir=None)
     config = await link.connect()   # Register -> Registered; raises RegistrationRefused
     while True:
-        msg = await link.recv()       # Allocate, Prefill, Free or Shutdown
+        msg = await link.recv()       # Allocate, Prefill, Free, PeerDead or Shutdown
         ...
         link.send(protocol.Allocated(...))   # never blocks
     await link.close()
@@ -101,6 +101,7 @@ class WorkerLink:
         deadline = time.monotonic() + self.register_timeout_s
         while not self._registered_event.is_set():
             self._send_register()
+            self._sock.poke()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 await self.close()
@@ -118,7 +119,7 @@ class WorkerLink:
         return self.config
 
     async def recv(self) -> P.Message:
-        """The next router message (Allocate, Prefill, Free or Shutdown)."""
+        """The next router message: Allocate, Prefill, Free, PeerDead or Shutdown."""
         msg = await self._inbox.get()
         if isinstance(msg, _Refusal):
             raise RegistrationRefused(f"router {self.endpoint} refused this worker: {msg.error}")

@@ -54,6 +54,7 @@ class WorkerRecord:
     is_full: bool = False           # refused an Allocate; cleared by a heartbeat or a free
     num_prefilled: int = 0          # first tokens it produced (prefill or colocated)
     num_decoded: int = 0            # requests that finished with it as their decode worker
+    last_progress: float = 0.0      # when it last produced a first token (or registered)
     prefix: PrefixIndex = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
@@ -150,7 +151,7 @@ class WorkerRegistry:
                               tp_size=info["tp_size"], kv_spec=spec, transports=transports,
                               capabilities=caps,
                               num_blocks=info["num_blocks"], max_model_len=info["max_model_len"],
-                              info=info, last_seen=now)
+                              info=info, last_seen=now, last_progress=now)
         self.fingerprint = info["fingerprint"]
         self.kv_spec = spec
         if old is not None:

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 LAYOUTS = {"disagg": {"mode": "disagg", "num_prefill": 1, "num_decode": 2},
            "colocated": {"mode": "colocated", "num_workers": 2}}
 NUM_STREAMS = 64
-MAX_TOKENS = 24
+MAX_TOKENS = 48
+CLIENT_TIMEOUT_S = 120  # past the router's 30 s hand-off retry, well short of a hang
 
 
 def workload():
@@ -45,16 +46,20 @@ async def run_streams(endpoint, prompts, params, fault=None, fault_after_tokens=
                 await asyncio.get_running_loop().run_in_executor(None, fault)
         return tokens
 
-    async with AsyncClient(endpoint, timeout=180) as client:
+    async with AsyncClient(endpoint, timeout=CLIENT_TIMEOUT_S) as client:
         results = await asyncio.gather(*(one(client, pr, p) for pr, p in zip(prompts, params)))
     assert fault is None or fired.is_set()
     return results
 
 
-def busiest(cluster, role):
+def kill_busiest(cluster, role, killed: list):
+    """SIGKILL the live worker of ``role`` with the most requests assigned right now."""
     with Client(cluster.endpoint, timeout=30) as client:
         workers = [w for w in client.status()["workers"] if w["alive"] and w["role"] == role]
-    return max(workers, key=lambda w: w["assigned"])["id"]
+    victim = max(workers, key=lambda w: w["assigned"])
+    assert victim["assigned"] > 0, "the fault came too late: nothing in flight"
+    cluster.kill_worker(victim["id"], signal.SIGKILL)
+    killed.append(victim["id"])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -65,10 +70,11 @@ def test_killed_decode_worker_loses_and_duplicates_nothing(layout, tiny_model):
     with LocalCluster(str(tiny_model), num_kv_blocks=1024, **LAYOUTS[layout]) as cluster:
         undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params))
         assert undisturbed[::2] == greedy
-        victim = busiest(cluster, role)
+        killed = []
         disturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params,
-                                            fault=lambda: cluster.kill_worker(victim, signal.SIGKILL),
+                                            fault=lambda: kill_busiest(cluster, role, killed),
                                             fault_after_tokens=NUM_STREAMS * 4))
+        (victim,) = killed
         assert disturbed == undisturbed  # every token once, in order, greedy and seeded alike
         with Client(cluster.endpoint, timeout=30) as client:
             status = client.status()
@@ -85,15 +91,20 @@ def test_killed_decode_worker_loses_and_duplicates_nothing(layout, tiny_model):
             wait_all_blocks_free(client)
 
 
-def test_killed_prefill_worker_loses_nothing(tiny_model):
+@pytest.mark.parametrize("transport", ["zmq", "shm", "nixl"])
+def test_killed_prefill_worker_loses_nothing(transport, tiny_model):
+    if transport == "nixl":
+        pytest.importorskip("nixl")
     prompts, params = workload()
     prompts = [p * 4 for p in prompts]  # long prompts keep the prefill workers busy
     with LocalCluster(str(tiny_model), num_kv_blocks=2048, mode="disagg", num_prefill=2,
-                      num_decode=1) as cluster:
+                      num_decode=1, kv_transport=transport) as cluster:
         undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params))
-        victim = busiest(cluster, "prefill")
+        killed = []
         disturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params,
-                                            fault=lambda: cluster.kill_worker(victim), fault_after_tokens=1))
+                                            fault=lambda: kill_busiest(cluster, "prefill", killed),
+                                            fault_after_tokens=1))
+        assert len(killed) == 1
         assert disturbed == undisturbed
         with Client(cluster.endpoint, timeout=30) as client:
             wait_all_blocks_free(client)
@@ -148,7 +159,7 @@ def test_abort_storm_leaks_no_kv(layout, tiny_model):
                 if chunk.finish_reason:
                     return
             await stream.aclose()
-        async with AsyncClient(endpoint, timeout=300) as client:
+        async with AsyncClient(endpoint, timeout=CLIENT_TIMEOUT_S) as client:
             await asyncio.gather(*(one(client, i) for i in range(1000)))
 
     with LocalCluster(str(tiny_model), num_kv_blocks=512, **options) as cluster:

@@ -13,20 +13,9 @@ import zmq.asyncio
 from router import protocol as P
 from router.client import AsyncClient, InvalidRequest, Overloaded, RequestTimeout, Unavailable
 from router.config import RouterConfig
-from router.runtime import RouterThread
 from router.worker_link import RegistrationRefused, WorkerLink
-from tests.router.helpers import model_info
+from tests.router.helpers import FINGERPRINT, make_router
 from tests.router.test_workers import info as worker_info
-
-FINGERPRINT = "f" * 16
-
-
-def make_router(tmp_path, **over) -> RouterThread:
-    config = RouterConfig(**{"frontend": f"ipc://{tmp_path}/c.ipc", "backend": f"ipc://{tmp_path}/w.ipc",
-                             "max_queue": 4, "unavailable_timeout_s": 30.0, "heartbeat_timeout_s": 2.0,
-                             "tick_s": 0.05, **over})
-    return RouterThread(config, model_info()).start()
-
 
 @pytest.fixture
 def router(tmp_path):
