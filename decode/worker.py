@@ -62,6 +62,10 @@ class DecodeWorker:
 
     # -- router messages ------------------------------------------------------------------
     def handle(self, msg: P.Message) -> None:
+        self._handle(msg)
+        self.drain_kv_events()
+
+    def _handle(self, msg: P.Message) -> None:
         if isinstance(msg, P.Allocate):
             self._allocate(msg)
         elif isinstance(msg, P.Prefill):
@@ -120,22 +124,34 @@ class DecodeWorker:
         self.engine.free(rid)
 
     async def kv_events(self) -> None:
-        """Completions and failures of KV transfers, awaited (no polling in the step loop)."""
+        """Completions and failures of KV transfers, awaited (no polling in the step loop).
+
+        The coordinator's socket is also used synchronously (reserve, abort), which can consume
+        the edge-triggered wake-up of the awaiting poller; ``drain_kv_events`` after each such
+        call and a bounded wait here make sure no event is left waiting.
+        """
         while True:
-            for event in await self.coordinator.wait_events():
-                rid = self._rid_of.pop(event.transfer_id, None)
-                if rid is None:
-                    continue
-                if isinstance(event, TransferDone):
-                    reason = self.engine.kv_arrived(event.transfer_id, rid, event.first_token_id)
-                    self.link.send(P.Started(rid, event.transfer_id))
-                    if reason is None:
-                        self.wake.set()
-                else:
-                    seq = self.engine.decode.remove(rid)
-                    if seq is not None:
-                        self.link.send(P.WorkerError(rid, event.transfer_id,
-                                                     f"KV transfer failed: {event.reason}"))
+            self.dispatch_kv_events(await self.coordinator.wait_events(timeout_s=0.05))
+
+    def drain_kv_events(self) -> None:
+        if self.coordinator is not None:
+            self.dispatch_kv_events(self.coordinator.poll(0.0))
+
+    def dispatch_kv_events(self, events) -> None:
+        for event in events:
+            rid = self._rid_of.pop(event.transfer_id, None)
+            if rid is None:
+                continue
+            if isinstance(event, TransferDone):
+                reason = self.engine.kv_arrived(event.transfer_id, rid, event.first_token_id)
+                self.link.send(P.Started(rid, event.transfer_id))
+                if reason is None:
+                    self.wake.set()
+            else:
+                seq = self.engine.decode.remove(rid)
+                if seq is not None:
+                    self.link.send(P.WorkerError(rid, event.transfer_id,
+                                                 f"KV transfer failed: {event.reason}"))
 
     def on_router_lost(self) -> None:
         """Abort everything: no one is left to stream the tokens to."""
