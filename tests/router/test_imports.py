@@ -2,7 +2,8 @@ import subprocess
 import sys
 
 ROUTER_MODULES = ["router.server", "router.cli", "router.client", "router.launcher", "router.worker_link",
-                  "router.runtime", "router.scheduler", "router.status_table"]
+                  "router.runtime", "router.scheduler", "router.watchdog", "router.admission",
+                  "router.status_table"]
 
 
 def test_router_side_never_imports_torch():
