@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 LAYOUTS = {"disagg": {"mode": "disagg", "num_prefill": 1, "num_decode": 2},
            "colocated": {"mode": "colocated", "num_workers": 2}}
 NUM_STREAMS = 64
-MAX_TOKENS = 48
+MAX_TOKENS = 96  # long enough that a fault lands while every stream is running
 CLIENT_TIMEOUT_S = 120  # past the router's 30 s hand-off retry, well short of a hang
 
 
@@ -73,7 +73,7 @@ def test_killed_decode_worker_loses_and_duplicates_nothing(layout, tiny_model):
         killed = []
         disturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params,
                                             fault=lambda: kill_busiest(cluster, role, killed),
-                                            fault_after_tokens=NUM_STREAMS * 4))
+                                            fault_after_tokens=NUM_STREAMS * 2))
         (victim,) = killed
         assert disturbed == undisturbed  # every token once, in order, greedy and seeded alike
         with Client(cluster.endpoint, timeout=30) as client:
