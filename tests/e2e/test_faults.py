@@ -97,8 +97,9 @@ def test_killed_prefill_worker_loses_nothing(transport, tiny_model):
         pytest.importorskip("nixl")
     prompts, params = workload()
     prompts = [p * 4 for p in prompts]  # long prompts keep the prefill workers busy
+    # A small prefill budget spreads the prompts over many steps, so the kill lands mid-prefill.
     with LocalCluster(str(tiny_model), num_kv_blocks=2048, mode="disagg", num_prefill=2,
-                      num_decode=1, kv_transport=transport) as cluster:
+                      num_decode=1, kv_transport=transport, max_num_batched_tokens=128) as cluster:
         undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params))
         killed = []
         disturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params,
