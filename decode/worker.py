@@ -7,16 +7,14 @@ model), and one ``Tokens`` message per step carries every sequence's new token. 
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 from decode.engine import DecodeEngine, run_step_plan
 from kvtransfer.allocator import NoFreeBlocks
 from kvtransfer.transport import TransferDone
-from models.parallel import ParallelContext, broadcast_plan
+from models.parallel import ParallelContext
 from prefill.tp_group import TPGroup, follow_plans
-from prefill.worker_common import WorkerOptions, build_runner, run_worker, worker_info
+from prefill.worker_common import StepWorker, WorkerOptions, build_runner, run_worker, worker_info
 from router import protocol as P
 
 log = logging.getLogger("pdserve.decode")
@@ -38,11 +36,9 @@ def rank_main(ctx: ParallelContext, options: dict) -> None:
         runner.close()
 
 
-class DecodeWorker:
+class DecodeWorker(StepWorker):
     def __init__(self, opts: WorkerOptions, ctx: ParallelContext, runner, group: TPGroup):
-        self.opts = opts
-        self.ctx = ctx
-        self.group = group
+        super().__init__(opts, ctx, group)
         self.engine = DecodeEngine(runner, colocated=opts.role == "both",
                                    max_num_seqs=opts.max_num_seqs,
                                    max_num_batched_tokens=opts.max_num_batched_tokens)
@@ -55,9 +51,6 @@ class DecodeWorker:
                                              tp_size=ctx.world_size)
             self.receiver = make_receiver(opts, runner, ctx)
             self.coordinator.wait_ready()
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
-        self.wake = asyncio.Event()
-        self.link = None
         self.step_count = 0
 
     # -- router messages ------------------------------------------------------------------
@@ -158,27 +151,13 @@ class DecodeWorker:
         for rid in list(self.engine.decode.by_rid):
             self._free(rid)
 
-    # -- steps ------------------------------------------------------------------------------
-    def _execute(self, plan: dict):
-        broadcast_plan(self.ctx, plan)
-        return self.engine.execute_plan(plan)
-
-    async def step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            plan = self.engine.build_plan()
-            if plan is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            results = await loop.run_in_executor(self.model_thread, self._execute, plan)
-            out = self.engine.apply(results)
-            for rid, transfer_id, result, reason in out.first_tokens:
-                self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason))
-            if out.items:
-                self.step_count += 1
-                self.link.send(P.Tokens(self.opts.worker_id, self.step_count,
-                                        [item.to_wire() for item in out.items]))
+    def publish(self, out) -> None:
+        for rid, transfer_id, result, reason in out.first_tokens:
+            self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason))
+        if out.items:
+            self.step_count += 1
+            self.link.send(P.Tokens(self.opts.worker_id, self.step_count,
+                                    [item.to_wire() for item in out.items]))
 
     def info(self) -> dict:
         transports = {}
@@ -198,13 +177,10 @@ class DecodeWorker:
                          kv_transfers_done=kv.get("transfers_done"), kv_by_transport=kv.get("by_transport"))
         return stats
 
-    def close(self) -> None:
-        self.model_thread.shutdown(wait=True)
+    def close_transport(self) -> None:
         if self.receiver is not None:
             self.receiver.close()
             self.coordinator.close()
-        self.group.stop(self.ctx)
-        self.engine.runner.close()
 
 
 def main(args) -> int:

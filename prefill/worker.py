@@ -8,14 +8,12 @@ push their own kv-head shard of every layer.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
-from models.parallel import ParallelContext, broadcast_plan
+from models.parallel import ParallelContext
 from prefill.engine import PrefillEngine, RankTransfers, run_prefill_plan
 from prefill.tp_group import TPGroup, follow_plans
-from prefill.worker_common import WorkerOptions, build_runner, run_worker, worker_info
+from prefill.worker_common import StepWorker, WorkerOptions, build_runner, run_worker, worker_info
 from router import protocol as P
 
 log = logging.getLogger("pdserve.prefill")
@@ -39,18 +37,13 @@ def rank_main(ctx: ParallelContext, options: dict) -> None:
         runner.close()
 
 
-class PrefillWorker:
+class PrefillWorker(StepWorker):
     def __init__(self, opts: WorkerOptions, ctx: ParallelContext, runner, group: TPGroup):
-        self.opts = opts
-        self.ctx = ctx
-        self.group = group
+        super().__init__(opts, ctx, group)
         self.transfers = _make_transfers(opts, runner, ctx)
         self.engine = PrefillEngine(runner, self.transfers,
                                     max_num_batched_tokens=opts.max_num_batched_tokens,
                                     max_num_seqs=opts.max_num_seqs)
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
-        self.wake = asyncio.Event()
-        self.link = None
 
     def info(self) -> dict:
         from decode.kv_receive import restrict
@@ -78,36 +71,21 @@ class PrefillWorker:
             self.engine.abort(rid)
         self.wake.set()
 
-    def _execute(self, plan: dict):
-        broadcast_plan(self.ctx, plan)
-        return self.engine.execute_plan(plan)
-
-    async def step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            plan = self.engine.build_plan()
-            if plan is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            output = await loop.run_in_executor(self.model_thread, self._execute, plan)
-            finished, failed = self.engine.apply(output)
-            for request, result, reason in finished:
-                self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
-                                            result.logprob, reason))
-            for request, error in failed:
-                self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
+    def publish(self, applied) -> None:
+        finished, failed = applied
+        for request, result, reason in finished:
+            self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
+                                        result.logprob, reason))
+        for request, error in failed:
+            self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
 
     def stats(self) -> dict:
         stats = self.engine.stats()
         stats.update(self.transfers.sender.stats())
         return stats
 
-    def close(self) -> None:
-        self.model_thread.shutdown(wait=True)
+    def close_transport(self) -> None:
         self.transfers.close()
-        self.group.stop(self.ctx)
-        self.engine.runner.close()
 
 
 def main(args) -> int:

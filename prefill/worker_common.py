@@ -15,9 +15,10 @@ import signal
 import socket
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from models.parallel import ParallelContext
+from models.parallel import ParallelContext, broadcast_plan
 
 log = logging.getLogger("pdserve.worker")
 
@@ -66,6 +67,49 @@ class WorkerOptions:
             from models.demo import demo_model_dir
             values["model"] = str(demo_model_dir())
         return cls(**values)
+
+
+class StepWorker:
+    """Rank 0's step loop, shared by every role: plan on the event-loop thread, execute on the
+    single model thread (after broadcasting the plan to the other ranks), then ``publish`` the
+    applied result from the loop thread. A role sets ``self.engine`` (``build_plan``,
+    ``execute_plan``, ``apply``) and implements ``publish``."""
+
+    def __init__(self, opts: WorkerOptions, ctx: ParallelContext, group):
+        self.opts = opts
+        self.ctx = ctx
+        self.group = group
+        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-model")
+        self.wake = asyncio.Event()
+        self.link = None
+        self.engine = None
+
+    def _execute(self, plan: dict):
+        broadcast_plan(self.ctx, plan)
+        return self.engine.execute_plan(plan)
+
+    async def step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = self.engine.build_plan()
+            if plan is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            output = await loop.run_in_executor(self.model_thread, self._execute, plan)
+            self.publish(self.engine.apply(output))
+
+    def publish(self, applied) -> None:
+        raise NotImplementedError
+
+    def close_transport(self) -> None:
+        """Release the role's KV transport end (before the TP group and the pool go)."""
+
+    def close(self) -> None:
+        self.model_thread.shutdown(wait=True)
+        self.close_transport()
+        self.group.stop(self.ctx)
+        self.engine.runner.close()
 
 
 def build_runner(opts: WorkerOptions, ctx: ParallelContext):
