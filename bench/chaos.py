@@ -21,11 +21,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
+
+if __name__ == "__main__":
+    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
+    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from router.client import AsyncClient, Client, ClientTimeout, ServerError
 from router.launcher import LocalCluster

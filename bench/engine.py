@@ -30,8 +30,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+if __name__ == "__main__":
+    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
+    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from kvtransfer.allocator import BlockAllocator
 from models.batch import SequenceChunk

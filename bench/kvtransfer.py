@@ -24,7 +24,6 @@ transfer; the calibrated layers keep the GPU-like ratio of compute to transfer.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import multiprocessing as mp
 import os
@@ -34,21 +33,12 @@ import sys
 import tempfile
 import time
 
-if __name__ == "kvtransfer":
-    # Another script in bench/ (python bench/engine.py) has bench/ first on sys.path, so its
-    # ``import kvtransfer`` found this file: hand the name over to the real package.
-    _here = os.path.dirname(os.path.abspath(__file__))
-    _path = list(sys.path)
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
-    del sys.modules["kvtransfer"]
-    try:
-        sys.modules["kvtransfer"] = importlib.import_module("kvtransfer")
-    finally:
-        sys.path[:] = _path
+if __name__ == "__main__":
+    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
+    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kvtransfer.allocator import BlockAllocator  # noqa: E402
 from kvtransfer.coordinator import KVCoordinator  # noqa: E402

@@ -18,13 +18,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":
+    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
+    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from router.client import AsyncClient  # noqa: E402
 from router.launcher import LocalCluster, threads_per_rank  # noqa: E402
