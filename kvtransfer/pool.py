@@ -17,6 +17,39 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 SHM_DIR = "/dev/shm"
 
 
+def sweep_orphaned_pools(shm_dir: str = SHM_DIR) -> int:
+    """Remove shared-memory pools (and their owner tags) whose creating process is gone.
+
+    A decode worker killed with SIGKILL cannot unlink its pool; the next pool created on the
+    host cleans up after it. Pools of live processes are kept; processes in another PID
+    namespace that share this /dev/shm are not supported (their pids are not visible here).
+    Returns how many files were removed.
+    """
+    removed = 0
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return 0
+    for name in names:
+        parts = name.split("-")
+        if not name.startswith("pdserve-kv-") or len(parts) < 4 or not parts[2].isdigit():
+            continue
+        pid = int(parts[2])
+        try:
+            os.kill(pid, 0)
+            continue            # still alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 class KVPool:
     """KV cache memory for one rank. ``backend`` is ``heap``, ``shm`` or ``cuda``.
 
@@ -47,6 +80,7 @@ class KVPool:
             self.kv = torch.zeros(self.shape, dtype=self.dtype, device=device or "cuda")
         elif backend == "shm":
             if shm_path is None:
+                sweep_orphaned_pools()
                 shm_path = os.path.join(SHM_DIR, f"pdserve-kv-{os.getpid()}-{uuid.uuid4().hex[:12]}")
             if _attach:
                 size = os.path.getsize(shm_path)
