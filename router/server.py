@@ -22,6 +22,7 @@ from router.config import RouterConfig
 from router.model_info import ModelInfo
 from router.payloads import HeartbeatStats
 from router.request import Request
+from router.scaling import Drainer, Scaler
 from router.scheduler import RequestScheduler
 from router.security import CurveKeys
 from router.sockets import LoopSocket
@@ -64,6 +65,8 @@ class Router:
         self.scheduler = RequestScheduler(config, self.registry, self, model)
         self.started_at = time.monotonic()
         self.watchdog = Watchdog(self.scheduler, self.started_at)
+        self.drainer = Drainer(self)
+        self.scaler: Scaler | None = None  # set by a launcher that can start workers
         self._ctx: zmq.Context | None = None
         self._auth = None
         self._frontend: LoopSocket | None = None
@@ -140,6 +143,7 @@ class Router:
                             now - worker.last_seen)
                 self._worker_dead(worker)
             self.watchdog.tick(now)
+            self.drainer.tick(now)
 
     # -- clients ----------------------------------------------------------------------------
     def _on_client(self, frames: list[bytes]) -> None:
@@ -159,6 +163,20 @@ class Router:
             self.scheduler.cancel(client, msg.rid)
         elif isinstance(msg, P.StatusRequest):
             self._frontend.send([client, P.encode(P.StatusReply(msg.rid, self.status()))])
+        elif isinstance(msg, P.ScaleRequest):
+            self._scale(client, msg)
+
+    def _scale(self, client: bytes, msg: P.ScaleRequest) -> None:
+        if self.scaler is None:
+            self.error(client, msg.rid, P.ERR_INVALID, "this router cannot start or stop workers; "
+                       "scale a cluster started with `pdserve serve --launcher ray`")
+            return
+        try:
+            result = self.scaler.scale(msg.num_prefill, msg.num_decode)
+        except ValueError as exc:
+            self.error(client, msg.rid, P.ERR_INVALID, str(exc))
+            return
+        self._frontend.send([client, P.encode(P.ScaleReply(msg.rid, result))])
 
     def _on_client_gone(self, client: bytes) -> None:
         self.scheduler.client_gone(client)
@@ -227,6 +245,10 @@ class Router:
         if self.registry.mark_dead(worker):
             self.scheduler.on_worker_dead(worker)
 
+    def declare_dead(self, worker: WorkerRecord) -> None:
+        """Forget a worker and fail over what it holds (as when its connection drops)."""
+        self._worker_dead(worker)
+
     # -- Outbox (used by the scheduler) -----------------------------------------------------
     def to_worker(self, worker: WorkerRecord, msg: P.Message) -> None:
         if self._backend is None:
@@ -271,6 +293,7 @@ class Router:
                 "assigned": w.num_decoding + w.num_prefilling,
                 "num_prefilled": w.num_prefilled, "num_decoded": w.num_decoded,
                 "pid": w.info.get("pid"), "host": w.info.get("host"),
+                "node": w.info.get("node") or w.info.get("host"), "draining": w.draining,
                 "stats": w.stats.to_wire() if w.stats is not None else {},
             })
         return {"router": {"uptime_s": round(time.monotonic() - self.started_at, 3),
@@ -279,7 +302,14 @@ class Router:
                            "kv_spec": self.registry.kv_spec.to_dict() if self.registry.kv_spec else None,
                            "num_workers": len(self.registry.alive()),
                            **self.scheduler.stats()},
-                "workers": workers}
+                "workers": workers, "pairs": self._pairs()}
+
+    def _pairs(self) -> list[dict]:
+        """The KV transport of every live (prefill, decode) pair."""
+        live = sorted(self.registry.alive(), key=lambda w: w.worker_id)
+        return [{"prefill": p.worker_id, "decode": d.worker_id,
+                 "transport": self.registry.transport_for(p, d)}
+                for p in live if p.role == "prefill" for d in live if d.role == "decode"]
 
 
 def _rid_of(payload: bytes) -> str | None:

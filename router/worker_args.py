@@ -17,6 +17,7 @@ A role's entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)
     worker_id       unique id (None: made from role, host and pid)
     curve_dir       CurveZMQ key directory (``pdserve keys``)
     max_num_seqs, max_num_batched_tokens, heartbeat_s, kv_dir: engine and link tuning
+    kv_host         decode: tcp address to receive KV on (other hosts); None: ipc:// in kv_dir
 """
 from __future__ import annotations
 
@@ -103,6 +104,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-s", type=_positive_float, default=None,
                         help="seconds between heartbeats to the router")
     parser.add_argument("--kv-dir", default=None, help="directory for ipc:// KV endpoints")
+    parser.add_argument("--kv-host", default=None,
+                        help="decode: receive KV over tcp on this address (prefill workers on other "
+                             "hosts connect there) instead of ipc://")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:

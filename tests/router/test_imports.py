@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUTER_MODULES = ["router.server", "router.cli", "router.client", "router.launcher", "router.worker_link",
                   "router.runtime", "router.scheduler", "router.watchdog", "router.admission",
                   "router.status_table", "router.protocol", "router.payloads", "router.validation",
-                  "router.worker_args"]
+                  "router.worker_args", "router.ray_launcher", "router.ray_args", "router.scaling"]
 WORKER_PACKAGES = ("worker", "prefill", "decode")
 
 
@@ -42,10 +42,10 @@ def test_router_side_never_imports_torch():
     code = ("import sys\n"
             f"for name in {ROUTER_MODULES!r}: __import__(name)\n"
             "from router.cli import build_parser; build_parser()\n"
-            "print('torch' in sys.modules)\n")
+            "print('torch' in sys.modules, 'ray' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"  # Ray too loads only under --launcher ray
 
 
 def test_router_side_loads_no_worker_package():
