@@ -213,7 +213,8 @@ def sampling_params(req: CompletionRequest, sample_index: int, max_model_len: in
         if value is not None:
             params[name] = value
     if req.seed is not None:
-        params["seed"] = (req.seed + sample_index) % SEED_LIMIT if _is_int(req.seed) else req.seed
+        valid = _is_int(req.seed) and 0 <= req.seed < SEED_LIMIT  # else the router says why not
+        params["seed"] = (req.seed + sample_index) % SEED_LIMIT if valid else req.seed
     if req.top_logprobs:
         params["num_top_logprobs"] = req.top_logprobs
     return params
