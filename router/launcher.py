@@ -222,6 +222,11 @@ class LocalCluster:
                                    f"{timeout_s:g}s; worker logs are in {self.run_dir}")
             time.sleep(0.1)
 
+    @property
+    def router_pid(self) -> int:
+        """The router's process id (this process when the router runs in a thread)."""
+        return self._router_proc.pid if self._router_proc is not None else os.getpid()
+
     def kill_router(self, sig: int = signal.SIGKILL) -> None:
         """Kill a subprocess router (fault injection); ``start_router()`` brings one back."""
         if self._router_proc is None:

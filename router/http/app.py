@@ -10,10 +10,9 @@ import dataclasses
 from importlib.metadata import PackageNotFoundError, version
 
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from router.chat_template import ChatTemplate, ChatTemplateError
@@ -113,9 +112,8 @@ async def _complete(request: Request, chat: bool) -> Response:
         raise
     writer = ResponseWriter(req, name, token_text_fn(gateway))
     if req.stream:
-        return StreamingResponse(_stream(gateway, client, writer, req), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"},
-                                 background=BackgroundTask(gateway.release, client))
+        return sse.SSEResponse(_stream(client, writer, req), client.disconnected,
+                               lambda: gateway.release(client))
     try:
         await _wait_whole(client, request)
     except ClientGone:
@@ -127,63 +125,57 @@ async def _complete(request: Request, chat: bool) -> Response:
 
 async def _wait_whole(client, request: Request) -> None:
     """Collect every choice's result; a client that disconnects meanwhile cancels them."""
-    disconnect = asyncio.ensure_future(_disconnected(request))
+    watcher = asyncio.get_running_loop().create_task(
+        sse.watch_disconnect(request.receive, client.disconnected))
     try:
         while True:
+            await client.wait()
             while client.pending:
                 choice, token_ids, text, _, logprobs = client.pending.popleft()
                 choice.token_ids.extend(token_ids)
                 choice.text.append(text)
                 if logprobs:
                     choice.logprobs.extend(logprobs)
+            if client.gone:
+                raise ClientGone()
             if client.failure is not None:
                 raise client.failure
-            if client.done:
+            if client.num_open == 0:
                 return
-            waiting = asyncio.ensure_future(client.wait())
-            await asyncio.wait((waiting, disconnect), return_when=asyncio.FIRST_COMPLETED)
-            if disconnect.done():
-                waiting.cancel()
-                raise ClientGone()
     finally:
-        disconnect.cancel()
+        watcher.cancel()
 
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its response was ready."""
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _stream(gateway, client, writer: ResponseWriter, req: CompletionRequest):
-    """The SSE body: chunks as tokens arrive, then usage (if asked) and [DONE]."""
-    try:
-        if req.chat:
-            yield b"".join(sse.raw_event(writer.role_chunk(i)) for i in range(req.num_choices))
-        while True:
-            await client.wait()
-            parts = []
-            pending = client.pending
-            while pending:
-                choice, token_ids, text, reason, logprobs = pending.popleft()
-                choice.token_ids.extend(token_ids)
-                if text or reason is not None or logprobs:
-                    parts.append(sse.raw_event(writer.chunk(choice, token_ids, text, reason, logprobs)))
-            if parts:
-                yield b"".join(parts)
-            if client.failure is not None:
-                yield sse.event(client.failure.body())
-                break
-            if client.num_open == 0:
-                if req.include_usage:
-                    yield sse.event(writer.usage_chunk(client.choices))
-                break
-        yield sse.DONE
-    finally:
-        gateway.release(client)
+async def _stream(client, writer: ResponseWriter, req: CompletionRequest):
+    """The SSE body: chunks as tokens arrive, then usage (if asked) and [DONE]. Ends early when
+    the client disconnects (``client.gone``)."""
+    if req.chat:
+        yield b"".join(sse.raw_event(writer.role_chunk(i)) for i in range(req.num_choices))
+    pending = client.pending
+    while True:
+        await client.wait()
+        if client.gone:
+            return
+        parts = []
+        while pending:
+            choice, token_ids, text, reason, logprobs = pending.popleft()
+            choice.token_ids.extend(token_ids)
+            if text or reason is not None or logprobs:
+                parts.append(sse.raw_event(writer.chunk(choice, token_ids, text, reason, logprobs)))
+        if client.failure is not None:
+            parts.append(sse.event(client.failure.body()))
+            break
+        if client.num_open == 0:
+            if req.include_usage:
+                parts.append(sse.event(writer.usage_chunk(client.choices)))
+            break
+        if parts:
+            yield b"".join(parts)
+    yield b"".join(parts) + sse.DONE
 
 
 # -- models, health, version, tokenizer ---------------------------------------------------------

@@ -42,11 +42,18 @@ class HttpClient:
         self.pending: deque = deque()
         self.num_open = num_choices
         self.failure: APIError | None = None
+        self.gone = False  # the HTTP client disconnected
+        self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future | None = None
 
     @property
     def done(self) -> bool:
-        return self.num_open == 0 or self.failure is not None
+        return self.num_open == 0 or self.failure is not None or self.gone
+
+    def disconnected(self) -> None:
+        """The HTTP client went away: whoever waits stops waiting."""
+        self.gone = True
+        self._wake()
 
     def chunk(self, req, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
         choice = self.choices[int(req.client_rid)]
@@ -75,7 +82,7 @@ class HttpClient:
     async def wait(self) -> None:
         """Until there is output to take, or the request failed or finished."""
         while not self.pending and not self.done:
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
