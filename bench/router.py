@@ -73,18 +73,23 @@ def in_process_tokens_per_s(model_dir: str, prompts, max_tokens: int) -> float:
     return num_tokens / elapsed
 
 
+async def count_streams(client, prompts, max_tokens: int) -> tuple[int, float]:
+    """Stream every prompt at once through ``client``; (output tokens, seconds)."""
+    async def one(prompt) -> int:
+        count = 0
+        async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
+                                           ignore_eos=True, temperature=0.0):
+            count += len(chunk.token_ids)
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    return sum(counts), time.perf_counter() - start
+
+
 async def stream_all(endpoint: str, prompts, max_tokens: int) -> tuple[int, float]:
     async with AsyncClient(endpoint, timeout=600) as client:
-        async def one(prompt) -> int:
-            count = 0
-            async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
-                                               ignore_eos=True, temperature=0.0):
-                count += len(chunk.token_ids)
-            return count
-
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
-        return sum(counts), time.perf_counter() - start
+        return await count_streams(client, prompts, max_tokens)
 
 
 def stack_tokens_per_s(model_dir: str | None, prompts, max_tokens: int, **cluster) -> float:
@@ -108,17 +113,7 @@ async def stream_all_http(base_url: str, prompts, max_tokens: int) -> tuple[int,
 
     async with OpenAIClient(base_url, timeout=600) as client:
         await client.status()
-
-        async def one(prompt) -> int:
-            count = 0
-            async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
-                                               ignore_eos=True, temperature=0.0):
-                count += len(chunk.token_ids)
-            return count
-
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
-        return sum(counts), time.perf_counter() - start
+        return await count_streams(client, prompts, max_tokens)
 
 
 def http_vs_zmq(model_dir: str, prompts, max_tokens: int, rounds: int = 3) -> dict:
