@@ -85,3 +85,16 @@ def test_disconnect_mid_stream_frees_kv_everywhere(http_cluster):
     after = scrape(url)
     assert delta(before, after, "pdserve:request_success_total", finished_reason="abort") == 1
     assert delta(before, after, "pdserve:generation_tokens_total") < 400
+
+
+def test_dashboard_queries_only_exported_metrics(http_cluster):
+    """docs/grafana-dashboard.json refers to metrics /metrics really exports."""
+    import json
+    import re
+    from pathlib import Path
+
+    dashboard = json.loads((Path(__file__).parents[3] / "docs" / "grafana-dashboard.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"pdserve:\w+", target["expr"])}
+    exported = {name for name, _ in scrape(http_cluster.http_url)}
+    assert queried and queried <= exported, queried - exported
