@@ -186,6 +186,15 @@ class HttpGateway:
             return None
         return min(model.max_model_len, self.router.registry.max_model_len() or model.max_model_len)
 
+    def max_new_tokens(self, num_prompt_tokens: int) -> int:
+        """The most tokens a prompt of this length can be given by default: up to the max
+        model length, and no more than the largest decode worker's KV pool can hold."""
+        limit = (self.max_model_len() or 0) - num_prompt_tokens
+        spec, largest = self.router.registry.kv_spec, self.router.registry.max_decode_blocks()
+        if spec is not None and largest:
+            limit = min(limit, largest * spec.block_size + 1 - num_prompt_tokens)
+        return max(1, limit)
+
     def model_dir(self) -> str | None:
         if self.router.config.model_dir:
             return self.router.config.model_dir

@@ -159,3 +159,20 @@ def test_router_command_reports_its_http_port(plain_model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_chat_template_override(plain_model, tmp_path):
+    """--chat-template FILE gives a model without a template one (seen through /tokenize)."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}>")
+    config = RouterConfig(frontend=f"ipc://{tmp_path}/c.ipc", backend=f"ipc://{tmp_path}/w.ipc",
+                          model_dir=str(plain_model))
+    thread = RouterThread(config, http=HttpConfig(port=0, chat_template=str(template))).start()
+    try:
+        tokens = httpx.post(thread.router.http_url + "/tokenize", json={
+            "messages": [{"role": "user", "content": "hi"}]}).json()["tokens"]
+        assert bytes(tokens).decode() == "[user]hi>"  # byte-level tokenizer, no bos added
+    finally:
+        thread.stop()
+    with pytest.raises(ValueError, match="chat-template"):
+        HttpConfig(chat_template=str(tmp_path / "missing.jinja"))
