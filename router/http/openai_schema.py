@@ -21,7 +21,7 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Fields whose non-default value pdserve cannot honour: refused, never silently ignored.
 UNSUPPORTED = {"echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-               "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0),
+               "repetition_penalty": (None, 1, 1.0), "min_tokens": (None, 0), "min_p": (None, 0, 0.0),
                "continue_final_message": (None, False), "tools": (None, []),
                "response_format": (None, {"type": "text"}), "guided_json": (None,),
                "guided_regex": (None,), "guided_choice": (None,), "prompt_logprobs": (None,)}
