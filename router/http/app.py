@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from router.chat_template import ChatTemplate, ChatTemplateError
+from router.chat_template import ChatTemplateError
 from router.http import sse
 from router.http.auth import ApiKeyCheck
 from router.http.errors import APIError, invalid
