@@ -260,21 +260,26 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(APIError(500, f"internal error: {type(exc).__name__}"))
 
 
-class _Guard:
-    """Checks the API key before any route runs (ASGI middleware: no per-chunk cost)."""
+class _Front:
+    """The outermost ASGI layer: checks the API key before any route runs, and keeps the
+    server's own ``send`` in the scope (``sse.RAW_SEND``) so streams skip the per-message send
+    wrappers of Starlette's middleware (SSEResponse never lets an error escape once started,
+    which is all those wrappers watch for)."""
 
     def __init__(self, app, check: ApiKeyCheck):
         self.app = app
         self.check = check
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.check.enabled:
-            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            try:
-                self.check.check(scope["path"], header)
-            except APIError as exc:
-                await _error_response(exc)(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            scope[sse.RAW_SEND] = send
+            if self.check.enabled:
+                header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+                try:
+                    self.check.check(scope["path"], header)
+                except APIError as exc:
+                    await _error_response(exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -293,4 +298,4 @@ def build_app(gateway) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.gateway = gateway
-    return _Guard(app, ApiKeyCheck(gateway.config.api_key))
+    return _Front(app, ApiKeyCheck(gateway.config.api_key))
