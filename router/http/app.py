@@ -95,8 +95,8 @@ async def _complete(request: Request, chat: bool) -> Response:
     check_model(req.model, name)
     if chat:
         ids = chat_prompt_ids(gateway, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
-        req = dataclasses.replace(req, prompts=(Prompt(token_ids=ids),),
-                                  max_tokens=req.max_tokens or gateway.max_new_tokens(len(ids)))
+        max_tokens = gateway.max_new_tokens(len(ids)) if req.max_tokens is None else req.max_tokens
+        req = dataclasses.replace(req, prompts=(Prompt(token_ids=ids),), max_tokens=max_tokens)
     max_len = gateway.max_model_len() or 1
     client = gateway.open(req.num_choices)
     try:
