@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from importlib.metadata import PackageNotFoundError, version
 
 from starlette.applications import Starlette
@@ -100,14 +101,18 @@ async def _complete(request: Request, chat: bool) -> Response:
     max_len = gateway.max_model_len() or 1
     client = gateway.open(req.num_choices)
     try:
-        index = 0
-        for prompt in req.prompts:
-            for sample in range(req.n):
-                gateway.submit(client, index, prompt, sampling_params(req, sample, max_len),
-                               want_logprobs=req.logprobs, stream=req.stream)
-                if client.failure is not None:
-                    raise client.failure
-                index += 1
+        for lead, prompt in zip(range(0, req.num_choices, req.n), req.prompts):
+            # The prompt's other samples follow its first token: they then find its KV blocks
+            # in the prefill worker's prefix cache instead of computing them again. The lead
+            # streams internally so that its first token is seen.
+            gateway.submit(client, lead, prompt, sampling_params(req, 0, max_len),
+                           want_logprobs=req.logprobs, stream=req.stream or req.n > 1)
+            if client.failure is not None:
+                raise client.failure
+            for sample in range(1, req.n):
+                client.after_first_token(lead, functools.partial(
+                    gateway.submit, client, lead + sample, prompt, sampling_params(req, sample, max_len),
+                    want_logprobs=req.logprobs, stream=req.stream))
     except BaseException:
         gateway.release(client)
         raise
