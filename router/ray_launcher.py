@@ -167,7 +167,7 @@ class RayCluster:
                  max_num_batched_tokens: int | None = None, listen: str | None = None,
                  backend: str | None = None, curve_dir: str | None = None, ray: RayOptions | None = None,
                  router_options: dict | None = None, startup_timeout_s: float = 300.0,
-                 worker_args: tuple[str, ...] = (), env: dict | None = None):
+                 worker_args: tuple[str, ...] = (), env: dict | None = None, http=None):
         for flag, n in (("--prefill", num_prefill), ("--decode", num_decode)):
             if not isinstance(n, int) or n < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {n!r}")
@@ -187,6 +187,8 @@ class RayCluster:
             raise ValueError(f"--kv-host {self.ray.kv_host} makes decode workers listen beyond this "
                              "machine; make keys with `pdserve keys DIR` and pass --curve-dir DIR")
         self.router_options = dict(router_options or {})
+        self.http = http  # router.http.config.HttpConfig (its own rule: off loopback needs an API key)
+        self.http_url: str | None = None
         self.startup_timeout_s = startup_timeout_s
         self.worker_args = tuple(worker_args)
         self.env = dict(env or {})
@@ -237,7 +239,8 @@ class RayCluster:
         config = RouterConfig(frontend=self.endpoint, backend=self.backend, model_dir=self.engine["model"],
                               curve_dir=self.curve_dir, kv_transport=self.engine["kv_transport"],
                               **self.router_options)
-        self._router_thread = RouterThread(config).start()
+        self._router_thread = RouterThread(config, http=self.http).start()
+        self.http_url = self._router_thread.router.http_url
         self._router_thread.call(setattr, self._router_thread.router, "scaler", self)
 
     def _key_files(self) -> dict[str, str] | None:

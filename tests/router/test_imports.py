@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUTER_MODULES = ["router.server", "router.cli", "router.client", "router.launcher", "router.worker_link",
                   "router.runtime", "router.scheduler", "router.watchdog", "router.admission",
                   "router.status_table", "router.protocol", "router.payloads", "router.validation",
-                  "router.worker_args", "router.ray_launcher", "router.ray_args", "router.scaling"]
+                  "router.worker_args", "router.http.gateway", "router.http.app", "router.metrics",
+                  "router.chat_template", "router.ray_launcher", "router.ray_args", "router.scaling"]
 WORKER_PACKAGES = ("worker", "prefill", "decode")
 
 
@@ -46,6 +47,16 @@ def test_router_side_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False False"  # Ray too loads only under --launcher ray
+
+
+def test_http_libraries_load_only_when_http_is_on():
+    """``pdserve router --no-http`` and the client library never pay for Starlette/uvicorn."""
+    code = ("import sys\n"
+            "import router.server, router.runtime, router.cli, router.client, router.launcher\n"
+            "print(any(m in sys.modules for m in ('starlette', 'uvicorn', 'prometheus_client', 'jinja2')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
 
 
 def test_router_side_loads_no_worker_package():
