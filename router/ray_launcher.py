@@ -20,7 +20,8 @@ Keys: the worker's CurveZMQ key pair and the router's public key travel as actor
 arguments (inside Ray's trust boundary: its GCS and object transfer), are written to a private
 (0700) directory on the worker's node, and never appear on a command line. Workers reach the
 router over tcp: on 127.0.0.1 when every Ray node is this machine, else on this node's address,
-which ``check_bind`` refuses without keys.
+which ``check_bind`` refuses without keys; decode workers then receive KV on tcp on their
+node's address (``kv_host="node"``) instead of ipc://.
 
 Node identity: each worker process gets ``$PDSERVE_NODE_ID`` = its Ray node id, which the KV
 transport negotiation compares (``kvtransfer.negotiate``), so ``auto`` picks shm only between
@@ -121,8 +122,10 @@ class WorkerActor:
             argv[argv.index("--kv-host") + 1] = ray.util.get_node_ip_address()
         from kvtransfer.negotiate import NODE_ID_ENV
         child_env = {**os.environ, **env, NODE_ID_ENV: self.node_id, PARENT_ENV: str(os.getpid())}
+        # Its output goes to the actor's stderr, which Ray forwards to the driver's stderr: the
+        # driver's stdout carries only `pdserve serve`'s ready line.
         self.proc = subprocess.Popen([sys.executable, "-m", "router.cli", "worker", *argv],
-                                     stdin=subprocess.DEVNULL, env=child_env)
+                                     stdin=subprocess.DEVNULL, stdout=sys.stderr, env=child_env)
         threading.Thread(target=self._watch, name="pdserve-worker-watch", daemon=True).start()
 
     def _watch(self) -> None:
@@ -235,6 +238,8 @@ class RayCluster:
             host = "127.0.0.1" if ips <= {here} else here
             self.backend = f"tcp://{host}:{_free_port(host)}"
             check_bind(self.backend, self.curve_dir, "the router's worker endpoint (--backend)")
+            if host != "127.0.0.1" and self.engine["kv_host"] is None:
+                self.engine["kv_host"] = "node"  # ipc:// KV endpoints do not reach other machines
         self.endpoint = self.listen or f"tcp://127.0.0.1:{_free_port('127.0.0.1')}"
         config = RouterConfig(frontend=self.endpoint, backend=self.backend, model_dir=self.engine["model"],
                               curve_dir=self.curve_dir, kv_transport=self.engine["kv_transport"],

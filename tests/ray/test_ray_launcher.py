@@ -123,9 +123,11 @@ def test_killed_node_fails_over_and_ray_restarts_its_worker(pd_cluster, ray_node
     def kill_node():
         ray_nodes.remove_node(node, allow_graceful=False)
 
+    failovers = status(pd_cluster)["router"]["failovers"]
     outputs = streams(pd_cluster, prompts, during=kill_node)
     assert outputs == reference
     settled(pd_cluster)
+    assert status(pd_cluster)["router"]["failovers"] > failovers
     assert pd_cluster.node_of("decode-0") != victim_node
     ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)  # the spare, again
 
@@ -147,13 +149,15 @@ def test_scale_up_and_drain_down_while_serving(pd_cluster, ray_nodes, workload):
 
         # Down while serving: the newest workers drain, finish what they hold, then go.
         failed = status(pd_cluster)["router"]["failed"]
-        drained = []
+        drained, held = [], {}
 
         def scale_down():
+            held.update({w["id"]: w["assigned"] for w in live(pd_cluster)})
             drained.append(client.scale(prefill=1, decode=1))
 
         assert streams(pd_cluster, prompts, during=scale_down) == reference
         assert sorted(drained[0]["draining"]) == ["decode-1", "prefill-1"]
+        assert held["decode-1"] > 0, held  # it had requests to finish while draining
         workers = settled(pd_cluster)
         assert sorted(w["id"] for w in workers) == ["decode-0", "prefill-0"]
         assert status(pd_cluster)["router"]["failed"] == failed  # no request failed
