@@ -171,7 +171,12 @@ class DecodeWorker(StepWorker):
         return worker_info(self.opts, self.engine.runner, transports)
 
     def background_tasks(self) -> list:
-        return [self.kv_events()] if self.coordinator is not None else []
+        return {"the KV event listener": self.kv_events()} if self.coordinator is not None else {}
+
+    def thread_health(self) -> str | None:
+        if self.receiver is not None and not self.receiver.is_alive():
+            return "the KV receiver thread stopped"
+        return None
 
     def kv_stats(self) -> dict:
         if self.coordinator is None:

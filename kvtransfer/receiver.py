@@ -128,6 +128,10 @@ class KVReceiver:
         transfers done, failed, open and closing on this rank."""
         return {**self._stats, "open": len(self._open), "closing": len(self._closing)}
 
+    def is_alive(self) -> bool:
+        """Whether the receiver thread still runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
