@@ -7,33 +7,20 @@ from concurrent.futures import Future
 
 import pytest
 
-from kvtransfer.sender import KVSender
 from models.batch import SampleResult
 from models.request_options import RequestOptions
-from models.runner import ModelRunner
-from prefill.engine import PrefillEngine, RankTransfers
-from tests.tiny_models import make_tiny_checkpoint
-
-NUM_BLOCKS = 32
-BLOCK_SIZE = 4
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("m") / "llama", arch="llama", vocab_size=128)
-    runner = ModelRunner(path, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
-    yield runner
-    runner.close()
+from prefill.engine import PrefillEngine
+from tests.conftest import NUM_BLOCKS
 
 
 @pytest.fixture()
-def engine(runner):
-    transfers = RankTransfers(KVSender(runner.pool, sender_id="test-prefill", rank=0, tp_size=1))
-    yield PrefillEngine(runner, transfers, max_num_batched_tokens=8, max_num_seqs=4)
-    transfers.close()
+def engine(prefill_parts):
+    runner, transfers = prefill_parts
+    return PrefillEngine(runner, transfers, max_num_batched_tokens=8, max_num_seqs=4)
 
 
 def dest(transfer_id: str) -> dict:
+    """A well-formed destination nobody listens at (the tests never wait on it)."""
     return {"transport": "zmq", "transfer_id": transfer_id, "ttl_s": 30.0,
             "ranks": [{"endpoint": "ipc:///nonexistent/pdserve-test", "num_blocks": 64,
                        "block_ids": list(range(8)), "host": "h"}]}
