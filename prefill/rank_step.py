@@ -87,11 +87,15 @@ def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: StepPl
         return {"results": [], "failed": failed, "started": started}
     transfers.wait_before_writing(written_blocks(plan, runner.block_size))
 
+    on_gpu = runner.pool.device.type == "cuda"
+
     def on_layer_done(layer: int) -> None:
+        # On a GPU the layer's writes are only queued here: an event marks when they are done.
+        ready = layer_written_event() if on_gpu else None
         for send in plan.sends:
             transfer = transfers.active.get(send.transfer_id)
             if transfer is not None:
-                transfer.send_layer(layer, send.start, send.stop)
+                transfer.send_layer(layer, send.start, send.stop, ready=ready)
 
     results = runner.step(plan.sequence_chunks(), on_layer_done)
     for send, result in zip(plan.sends, results):
@@ -100,6 +104,15 @@ def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: StepPl
             transfer.finish(result.token_id, result.logprob)
             transfers.closing[send.transfer_id] = transfer
     return {"results": results, "failed": failed, "started": started}
+
+
+def layer_written_event():
+    """A CUDA event recorded on the current stream, after the K/V writes queued so far."""
+    import torch
+
+    event = torch.cuda.Event()
+    event.record()
+    return event
 
 
 def _tell_decode_no_write(transfers: RankTransfers, dest) -> None:
