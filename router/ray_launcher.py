@@ -4,11 +4,13 @@
         client = Client(cluster.endpoint)
 
 The router runs in this (the driving) process, on a thread, as with the local launcher. Each
-worker is a Ray actor (``WorkerActor``) in its own placement group: one bundle holding the
-resources of every TP rank (``cpus_per_rank`` x TP CPUs, ``gpus_per_rank`` x TP GPUs), so the
-whole TP group lands on one node. The actor runs ``pdserve worker`` as its child process (rank 0,
-which starts ranks 1..K-1 beside it, inside the same reservation); a child that dies kills
-the actor's process, and a dead actor kills its child.
+worker is a group of Ray actors (``WorkerActor``), one per TP rank, in its own placement group:
+one bundle per rank (``cpus_per_rank`` CPUs, ``gpus_per_rank`` GPUs), packed on one node
+(``STRICT_PACK``). Each actor runs its rank as a child process (``pdserve worker``; ranks 1..K-1
+with ``--tp-rank``, meeting rank 0 at a rendezvous file in rank 0's private directory). A child
+that dies kills its actor's process, and a dead actor kills its child. Rank 0's actor creates
+the other ranks' actors, so it owns them: when it dies Ray kills them too, and when one of them
+dies rank 0's actor exits, so the whole group restarts together (a TP group cannot lose a rank).
 
 What Ray does and this module does not: placing groups on nodes, restarting a dead actor
 (``max_restarts``; after a crash, ``ray.kill``, or the loss of its node, when the placement group
@@ -38,6 +40,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,17 +101,25 @@ class WorkerGroup:
 
 
 class WorkerActor:
-    """Runs one ``pdserve worker`` on its Ray node (made a Ray actor class by ``_actor_class``)."""
+    """Runs one TP rank of a ``pdserve worker`` on its Ray node (made a Ray actor class by
+    ``_actor_class``). Rank 0 (``rank_dir`` None) starts the actors of ranks 1..TP-1."""
 
-    def __init__(self, argv: list[str], key_files: dict[str, str] | None, env: dict[str, str]):
+    def __init__(self, argv: list[str], key_files: dict[str, str] | None, env: dict[str, str],
+                 resources: dict, tp: int = 1, rank_dir: str | None = None):
         import subprocess
         import sys
         import tempfile
 
         import ray
 
+        from worker.tp_group import TP_INIT_ENV
+
         self.node_id = ray.get_runtime_context().get_node_id()
-        self.run_dir = tempfile.mkdtemp(prefix="pdserve-ray-")  # 0700: keys and ipc endpoints
+        # 0700: keys, ipc endpoints and the TP rendezvous; ranks 1..K-1 use rank 0's (one node).
+        self.run_dir = rank_dir or tempfile.mkdtemp(prefix="pdserve-ray-")
+        env = {**env, TP_INIT_ENV: f"file://{self.run_dir}/tp-init"} if tp > 1 else dict(env)
+        self.ranks = [] if rank_dir is not None else [
+            self._start_rank(rank, argv, env, resources, tp) for rank in range(1, tp)]
         argv = list(argv) + ["--kv-dir", self.run_dir]
         if key_files:
             key_dir = Path(self.run_dir) / "keys"
@@ -127,6 +138,37 @@ class WorkerActor:
         self.proc = subprocess.Popen([sys.executable, "-m", "router.cli", "worker", *argv],
                                      stdin=subprocess.DEVNULL, stdout=sys.stderr, env=child_env)
         threading.Thread(target=self._watch, name="pdserve-worker-watch", daemon=True).start()
+        if self.ranks:
+            threading.Thread(target=self._watch_ranks, name="pdserve-rank-watch", daemon=True).start()
+
+    def _start_rank(self, rank: int, argv: list[str], env: dict, resources: dict, tp: int):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        strategy = PlacementGroupSchedulingStrategy(ray.util.get_current_placement_group(),
+                                                    placement_group_bundle_index=rank)
+        return _actor_class().options(max_restarts=0, scheduling_strategy=strategy, **resources).remote(
+            list(argv) + ["--tp-rank", str(rank)], None, env, resources, tp, self.run_dir)
+
+    def _watch_ranks(self) -> None:
+        import ray
+
+        ready, _ = ray.wait([rank.wait.remote() for rank in self.ranks], num_returns=1)
+        try:
+            code = ray.get(ready[0])
+        except ray.exceptions.RayError:  # its actor died
+            code = 1
+        if code != 0:
+            os._exit(1)  # a TP group without one of its ranks is useless: restart all of it
+
+    def rank_actors(self) -> list:
+        """Rank 0: the actors of ranks 1..K-1."""
+        return self.ranks
+
+    def wait(self) -> int:
+        """Block until this rank's process exits; its exit code. Ranks 1..K-1 run this for
+        their whole life (rank 0 watches it), so they answer no other call."""
+        return self.proc.wait()
 
     def _watch(self) -> None:
         code = self.proc.wait()
@@ -266,18 +308,20 @@ class RayCluster:
             worker_id = f"{role}-{self._next_index[role]}"
             self._next_index[role] += 1
         tp = self.engine["tp"]
-        cpus, gpus = self.ray.cpus_per_rank * tp, self.ray.gpus_per_rank * tp
+        cpus, gpus = self.ray.cpus_per_rank, self.ray.gpus_per_rank
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        pg = placement_group([bundle], strategy="STRICT_PACK", name=f"pdserve-{worker_id}-{os.getpid()}")
+        pg = placement_group([bundle] * tp, strategy="STRICT_PACK", name=f"pdserve-{worker_id}-{uuid.uuid4().hex[:8]}")
         argv = ["--role", role, "--router", self.backend, "--worker-id", worker_id]
         for name, value in self.engine.items():
             if value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
         env = {THREADS_ENV: str(max(1, int(self.ray.cpus_per_rank))), **self.env}
+        resources = {"num_cpus": cpus, "num_gpus": gpus}
         actor = _actor_class().options(
-            num_cpus=cpus, num_gpus=gpus, max_restarts=self.ray.max_restarts, max_task_retries=0,
+            max_restarts=self.ray.max_restarts, max_task_retries=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
-        ).remote(argv + list(self.worker_args), self._key_files(), env)
+            **resources,
+        ).remote(argv + list(self.worker_args), self._key_files(), env, resources, tp)
         group = WorkerGroup(worker_id, role, actor, pg)
         with self._lock:
             self.groups[worker_id] = group
@@ -305,9 +349,14 @@ class RayCluster:
         """The Ray node id a worker's actor runs on now."""
         return import_ray().get(self.groups[worker_id].actor.node.remote(), timeout=timeout_s)
 
-    def kill_worker(self, worker_id: str) -> None:
-        """Kill a worker's actor the way a crash would (Ray restarts it; fault injection)."""
-        import_ray().kill(self.groups[worker_id].actor, no_restart=False)
+    def kill_worker(self, worker_id: str, rank: int = 0) -> None:
+        """Kill the actor of one TP rank of a worker the way a crash would (fault injection):
+        Ray restarts the group."""
+        ray = import_ray()
+        actor = self.groups[worker_id].actor
+        if rank > 0:
+            actor = ray.get(actor.rank_actors.remote(), timeout=60)[rank - 1]
+        ray.kill(actor, no_restart=False)
 
     # -- Scaler (called on the router's loop) --------------------------------------------------
     def scale(self, num_prefill: int | None, num_decode: int | None) -> dict:
