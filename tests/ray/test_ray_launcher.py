@@ -22,7 +22,7 @@ from tests.e2e.helpers import greedy_reference, wait_all_blocks_free  # noqa: E4
 pytestmark = pytest.mark.slow
 
 NUM_STREAMS = 12
-MAX_TOKENS = 48
+MAX_TOKENS = 128  # long enough that a fault lands while the streams run, even on a fast machine
 TIMEOUT_S = 180  # past Ray's node-death detection and a worker's restart, well short of a hang
 
 
