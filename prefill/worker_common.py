@@ -83,6 +83,10 @@ class StepWorker:
         self.wake = asyncio.Event()
         self.link = None
         self.engine = None
+        # Liveness from progress (read by the router from heartbeats): steps completed, and
+        # whether a step is planned or running. Work and a frozen count = a stuck worker.
+        self.num_steps = 0
+        self.has_work = False
 
     def _execute(self, plan: dict):
         broadcast_plan(self.ctx, plan)
@@ -93,11 +97,18 @@ class StepWorker:
         while True:
             plan = self.engine.build_plan()
             if plan is None:
+                self.has_work = False
                 self.wake.clear()
                 await self.wake.wait()
                 continue
+            self.has_work = True
             output = await loop.run_in_executor(self.model_thread, self._execute, plan)
+            self.num_steps += 1
             self.publish(self.engine.apply(output))
+
+    def progress(self) -> dict:
+        """The heartbeat's liveness fields: ``num_steps`` (monotonic) and ``has_work``."""
+        return {"num_steps": self.num_steps, "has_work": self.has_work}
 
     def publish(self, applied) -> None:
         raise NotImplementedError
@@ -198,7 +209,8 @@ async def _serve(worker, opts: WorkerOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    link = WorkerLink(opts.router, opts.worker_id, worker.info(), stats=worker.stats,
+    link = WorkerLink(opts.router, opts.worker_id, worker.info(),
+                      stats=lambda: {**worker.stats(), **worker.progress()},
                       on_router_lost=worker.on_router_lost, heartbeat_s=opts.heartbeat_s,
                       curve_dir=opts.curve_dir)
     worker.link = link

@@ -9,7 +9,15 @@ sockets). Invariants:
 - every worker that may hold state for a request (``decode_holds`` / ``prefill_holds``) gets a
   ``Free`` when the request ends or moves on, unless the worker itself reported the end;
 - tokens reach the client in output order exactly once: decode tokens count only after the
-  current attempt's ``Started`` and are held until its first token arrives.
+  current attempt's ``Started`` and are held until its first token arrives;
+- a Generate whose text prompt is being tokenized off the loop is in ``tokenizing`` (keyed by
+  client and client rid) and nowhere else; it counts toward the queue bound.
+
+Dispatch: queued requests start in order, but one that does not fit now is passed over for
+later ones that do, unless it has waited ``max_head_wait_s`` (then the queue holds for it, so a
+large request cannot starve). A decode worker that refuses a reservation is retried after a
+short backoff (tens of milliseconds, doubling to a second) or as soon as a request on it ends,
+whichever is first; never only at its next heartbeat.
 """
 from __future__ import annotations
 
@@ -17,6 +25,8 @@ import asyncio
 import logging
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Protocol
 
 from kvtransfer.allocator import block_hashes
@@ -30,6 +40,17 @@ from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
 FINISH_REASONS = (P.FINISH_STOP, P.FINISH_LENGTH, P.FINISH_ABORT)
+MAX_SCAN_MISSES = 32        # queued requests that do not fit, tried per schedule() pass
+REFUSAL_BACKOFF_S = (0.02, 1.0)  # first and longest wait before retrying a refusing decode worker
+
+
+@dataclass(eq=False)
+class Tokenizing:
+    """A Generate whose text prompt is being tokenized on the tokenizer thread."""
+    client: bytes
+    msg: P.Generate
+    cancelled: bool = False   # the client cancelled it: answer with an abort once tokenized
+    gone: bool = False        # the client disconnected: drop it silently
 
 
 class Outbox(Protocol):
@@ -54,21 +75,78 @@ class RequestScheduler:
         self.by_client: dict[bytes, dict[str, Request]] = {}
         self.admission = Admission(config, registry)
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
+        self.tokenizing: dict[tuple[bytes, str], Tokenizing] = {}
+        self._tokenizer_thread: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        """Stop the tokenizer thread; answer what it still holds with ``unavailable``."""
+        for job in list(self.tokenizing.values()):
+            if not job.gone:
+                self.outbox.error(job.client, job.msg.rid, P.ERR_UNAVAILABLE, "the router is shutting down")
+        self.tokenizing.clear()
+        if self._tokenizer_thread is not None:
+            self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
 
     # -- clients ---------------------------------------------------------------------------
     def submit(self, client: bytes, msg: P.Generate) -> None:
-        """Admit and queue a Generate; every refusal is answered with an Error."""
+        """Admit and queue a Generate; every refusal is answered with an Error. A long text
+        prompt is tokenized on the tokenizer thread first (see ``Tokenizing``)."""
+        mine = self.by_client.get(client, {})
+        num_waiting = len(self.waiting) + len(self.tokenizing)
         try:
-            req = self.admission.admit(client, msg, self.model, len(self.waiting),
-                                       self.by_client.get(client, {}))
+            if self.admission.is_heavy(msg):
+                if isinstance(msg.rid, str) and (client, msg.rid) in self.tokenizing:
+                    raise Rejected(msg.rid, P.ERR_INVALID, f"request id {msg.rid!r} is already in use "
+                                                           "on this connection")
+                if len(self.tokenizing) >= self.config.max_tokenizing:
+                    raise Rejected(msg.rid, P.ERR_OVERLOADED, f"{len(self.tokenizing)} long prompts are "
+                                                              "already being tokenized (the limit); retry later")
+                self.admission.precheck(msg, self.model, num_waiting, mine)
+                self._tokenize(client, msg)
+                return
+            req = self.admission.admit(client, msg, self.model, num_waiting, mine)
         except Rejected as exc:
-            self.counters["rejected"] += 1
-            self.outbox.error(client, exc.client_rid, exc.code, exc.message)
+            self._reject(client, exc)
             return
+        self._enqueue(req)
+
+    def _reject(self, client: bytes, exc: Rejected) -> None:
+        self.counters["rejected"] += 1
+        self.outbox.error(client, exc.client_rid, exc.code, exc.message)
+
+    def _tokenize(self, client: bytes, msg: P.Generate) -> None:
+        if self._tokenizer_thread is None:
+            self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-tokenize")
+        job = self.tokenizing[(client, msg.rid)] = Tokenizing(client, msg)
+        model = self.model
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._tokenizer_thread, self.admission.encode_prompt, model, msg.prompt)
+        future.add_done_callback(lambda f: self._tokenized(job, f))
+
+    def _tokenized(self, job: Tokenizing, future: asyncio.Future) -> None:
+        if self.tokenizing.get((job.client, job.msg.rid)) is job:
+            del self.tokenizing[(job.client, job.msg.rid)]
+        if job.gone or future.cancelled():
+            return
+        try:
+            encoded = future.result()
+            req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizing),
+                                       self.by_client.get(job.client, {}), encoded)
+        except Rejected as exc:
+            self._reject(job.client, exc)
+            return
+        except Exception as exc:  # the tokenizer failed on this text
+            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID, f"the prompt could not be tokenized: {exc}"))
+            return
+        self._enqueue(req)
+        if job.cancelled:
+            self._finish(req, P.FINISH_ABORT, [], "")
+
+    def _enqueue(self, req: Request) -> None:
         if req.spec.timeout_s is not None:
             req.deadline = asyncio.get_running_loop().call_later(req.spec.timeout_s, self._expire, req)
         self.requests[req.rid] = req
-        self.by_client.setdefault(client, {})[msg.rid] = req
+        self.by_client.setdefault(req.client, {})[req.client_rid] = req
         self.waiting.append(req)
         self.schedule()
 
@@ -76,30 +154,50 @@ class RequestScheduler:
         req = self.by_client.get(client, {}).get(client_rid)
         if req is not None:
             self._finish(req, P.FINISH_ABORT, [], "")
+        elif (client, client_rid) in self.tokenizing:
+            self.tokenizing[(client, client_rid)].cancelled = True
 
     def client_gone(self, client: bytes) -> None:
         """The client's connection dropped: abort its requests without answering."""
         for req in list(self.by_client.get(client, {}).values()):
             self._finish(req, P.FINISH_ABORT, [], "", notify=False)
+        for key in [k for k in self.tokenizing if k[0] == client]:
+            self.tokenizing.pop(key).gone = True
 
     # -- dispatch --------------------------------------------------------------------------
     def schedule(self) -> None:
-        """Start queued requests, in order, while a decode worker can hold the next one."""
-        while self.waiting:
-            req = self.waiting[0]
-            if not self._dispatch(req):
-                return
-            self.waiting.popleft()
+        """Start queued requests (see the module docstring for the order)."""
+        if not self.waiting:
+            return
+        now = time.monotonic()
+        i = misses = 0
+        while i < len(self.waiting) and misses < MAX_SCAN_MISSES:
+            req = self.waiting[i]
+            fits = self._dispatch(req)
+            if fits is None:
+                return  # nothing can be placed now, whatever its size
+            if fits:
+                del self.waiting[i]
+                continue
+            if now - req.queued_at > self.config.max_head_wait_s:
+                return  # it waited long enough: nothing overtakes it any more
+            misses += 1
+            i += 1
 
-    def _dispatch(self, req: Request) -> bool:
+    def _dispatch(self, req: Request) -> bool | None:
+        """Place ``req`` on workers: True if placed, False if it does not fit now, None if no
+        request could be placed now (no live decode worker with room, or no prefill worker)."""
         spec = self.registry.kv_spec
         max_len = self.registry.max_model_len()
         if spec is None or max_len is None:
-            return False
+            return None
+        alive = self.registry.alive()
+        if not any(w.can_decode and not w.is_full and w.free_blocks_estimate > 0 for w in alive):
+            return None
         context = req.context_ids
         num_blocks = blocks_needed(len(context), req.spec.max_tokens, len(req.output_ids), max_len,
                                    spec.block_size)
-        decode = pick_decode(self.registry.alive(), num_blocks)
+        decode = pick_decode(alive, num_blocks)
         if decode is None:
             return False
         if decode.role == "both":
@@ -146,8 +244,11 @@ class RequestScheduler:
             log.debug("decode %s refused %s: %s", worker.worker_id, req.rid, msg.error)
             req.decode_holds = False
             self._requeue(req)
-            worker.is_full = True  # after _requeue, which clears it; no schedule() until room
+            worker.is_full = True  # after _requeue, which clears it
+            self._retry_later(worker)
+            self.schedule()  # other workers may hold it, or later requests
             return
+        worker.num_refusals = 0
         req.state = State.PREFILLING
         req.handoff_since = time.monotonic()
         req.prefill_holds = True
@@ -231,6 +332,22 @@ class RequestScheduler:
                     req.prefill_holds = False
                 self.counters["failovers"] += 1
                 self.retry(req, f"worker {worker.worker_id} died")
+
+    def _retry_later(self, worker: WorkerRecord) -> None:
+        """Offer ``worker`` requests again after a backoff (its quarantined blocks may free up
+        at any moment; the router learns of that only by asking)."""
+        if worker.retry_timer is not None:
+            return
+        first, longest = REFUSAL_BACKOFF_S
+        delay = min(longest, first * 2 ** min(worker.num_refusals, 10))
+        worker.num_refusals += 1
+
+        def retry() -> None:
+            worker.retry_timer = None
+            if worker.alive and worker.is_full:
+                worker.is_full = False
+                self.schedule()
+        worker.retry_timer = asyncio.get_running_loop().call_later(delay, retry)
 
     def on_capacity(self, worker: WorkerRecord | None = None) -> None:
         """A worker registered, or reported load: it may take queued requests again."""
@@ -342,4 +459,4 @@ class RequestScheduler:
         for req in self.requests.values():
             states[req.state.value] += 1
         return {"queued": len(self.waiting), "active": len(self.requests) - len(self.waiting),
-                "states": states, **self.counters}
+                "tokenizing": len(self.tokenizing), "states": states, **self.counters}

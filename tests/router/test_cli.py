@@ -63,9 +63,9 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("pdserve router: --listen tcp://0.0.0.0:5999 is "
                                                           "reachable from other hosts")
     assert "Traceback" not in out.stderr
-    out = run_cli("generate", "hi", "--endpoint", f"ipc://{tmp_path}/nobody.ipc", "--timeout", "0.5")
+    out = run_cli("generate", "hi", "--endpoint", f"ipc://{tmp_path}/nobody.ipc")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "no answer from a router at ipc://" in out.stderr
+    assert f"no router at ipc://{tmp_path}/nobody.ipc: {tmp_path}/nobody.ipc does not exist" in out.stderr
     out = run_cli("generate", "x", "--endpoint", "nonsense")
     assert out.returncode == 1 and "is not a zmq endpoint" in out.stderr
     out = run_cli("generate")
