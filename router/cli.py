@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the router as its own process instead of a thread")
     serve.add_argument("--no-restart", action="store_true",
                        help="do not restart workers that die (or kill those declared stuck)")
+    serve.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                       help="seconds of worker silence before it is declared dead")
     serve.add_argument("--stuck-timeout", type=float, default=10.0,
                        help="seconds past its slowest step that a worker with work may go without "
                             "completing a step before it is declared dead")
@@ -121,7 +123,8 @@ def cmd_serve(args) -> int:
                            num_workers=args.workers, listen=args.listen or default_endpoint("client"),
                            curve_dir=args.curve_dir, router_in_process=not args.router_process,
                            log_to_stderr=True, supervise=not args.no_restart,
-                           router_options={"stuck_timeout_s": args.stuck_timeout}, **engine)
+                           router_options={"stuck_timeout_s": args.stuck_timeout,
+                                           "heartbeat_timeout_s": args.heartbeat_timeout}, **engine)
     with cluster:
         layout = (f"{args.prefill} prefill + {args.decode} decode" if args.mode == "disagg"
                   else f"{args.workers} colocated")

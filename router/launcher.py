@@ -120,6 +120,7 @@ class LocalCluster:
         self.backend = ""
         self.workers: list[WorkerProcess] = []
         self._workers_lock = threading.Lock()  # the supervisor restarts workers from its thread
+        self._extra_args: dict[str, tuple[str, ...]] = {}
         self._router_thread = None
         self._router_proc: subprocess.Popen | None = None
         self._status_client = None
@@ -202,14 +203,19 @@ class LocalCluster:
             argv += ["--curve-dir", self.curve_dir]
         self._router_proc = self._spawn(argv, "router")
 
-    def start_worker(self, role: str, worker_id: str) -> WorkerProcess:
-        """Spawn one ``pdserve worker`` (also used to restart a killed one)."""
+    def start_worker(self, role: str, worker_id: str, extra_args: tuple[str, ...] | None = None) -> WorkerProcess:
+        """Spawn one ``pdserve worker`` (also used to restart a killed one). ``extra_args``
+        follow the cluster's own options (so they override them) and are remembered for
+        restarts of this worker id."""
+        if extra_args is not None:
+            self._extra_args[worker_id] = tuple(extra_args)
         argv = [sys.executable, "-m", "router.cli", "worker", "--role", role, "--router", self.backend,
                 "--worker-id", worker_id, "--kv-dir", str(self.run_dir)]
         for name, value in self.engine.items():
             if value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
-        return self._add_worker(role, worker_id, argv + list(self.worker_args))
+        return self._add_worker(role, worker_id, argv + list(self.worker_args)
+                                + list(self._extra_args.get(worker_id, ())))
 
     def _add_worker(self, role: str, worker_id: str, argv: list[str]) -> WorkerProcess:
         log_path = None if self.log_to_stderr else self.run_dir / f"{worker_id}.log"
