@@ -4,9 +4,9 @@ Checks, in order: the request id, the model being known, the queue bound (``over
 every field (``validation.validate_generate``), and that the prompt plus ``max_tokens`` fits
 the largest decode worker's KV pool (a request that can never be placed is invalid, not queued).
 
-A text prompt longer than ``INLINE_PROMPT_CHARS`` is tokenized off the event loop (the
-scheduler hands ``encode_prompt`` to its tokenizer thread after ``precheck``), so a 4 MiB
-prompt never stalls the streams of everyone else.
+A text prompt longer than ``INLINE_PROMPT_CHARS`` is tokenized off the event loop
+(router/tokenizing.py) between ``precheck`` and ``admit``, so a 4 MiB prompt never stalls the
+streams of everyone else.
 """
 from __future__ import annotations
 
@@ -57,11 +57,6 @@ class Admission:
             check_text_prompt(msg, model, self._max_len(model))
         except InvalidRequest as exc:
             raise Rejected(msg.rid, P.ERR_INVALID, str(exc)) from None
-
-    @staticmethod
-    def encode_prompt(model: ModelInfo, prompt: str) -> list[int]:
-        """Tokenize a prompt (thread-safe: runs on the scheduler's tokenizer thread)."""
-        return model.tokenizer.encode(prompt)
 
     def admit(self, client: bytes, msg: P.Generate, model: ModelInfo | None, num_waiting: int,
               client_rids, encoded: list[int] | None = None) -> Request:

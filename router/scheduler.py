@@ -10,8 +10,8 @@ sockets). Invariants:
   ``Free`` when the request ends or moves on, unless the worker itself reported the end;
 - tokens reach the client in output order exactly once: decode tokens count only after the
   current attempt's ``Started`` and are held until its first token arrives;
-- a Generate whose text prompt is being tokenized off the loop is in ``tokenizing`` (keyed by
-  client and client rid) and nowhere else; it counts toward the queue bound.
+- a Generate whose text prompt is being tokenized off the loop is in ``tokenizer`` (keyed by
+  client and client rid; router/tokenizing.py) and nowhere else; it counts toward the queue bound.
 
 Dispatch: queued requests start in order, but one that does not fit now is passed over for
 later ones that do, unless it has waited ``max_head_wait_s`` (then the queue holds for it, so a
@@ -25,8 +25,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 from kvtransfer.allocator import block_hashes
@@ -36,21 +34,13 @@ from router.config import RouterConfig
 from router.model_info import ModelInfo
 from router.policy import blocks_needed, pick_decode, pick_prefill
 from router.request import Request, State
+from router.tokenizing import PromptTokenizer, TokenizeJob
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
 FINISH_REASONS = (P.FINISH_STOP, P.FINISH_LENGTH, P.FINISH_ABORT)
 MAX_SCAN_MISSES = 32        # queued requests that do not fit, tried per schedule() pass
 REFUSAL_BACKOFF_S = (0.02, 1.0)  # first and longest wait before retrying a refusing decode worker
-
-
-@dataclass(eq=False)
-class Tokenizing:
-    """A Generate whose text prompt is being tokenized on the tokenizer thread."""
-    client: bytes
-    msg: P.Generate
-    cancelled: bool = False   # the client cancelled it: answer with an abort once tokenized
-    gone: bool = False        # the client disconnected: drop it silently
 
 
 class Outbox(Protocol):
@@ -75,34 +65,28 @@ class RequestScheduler:
         self.by_client: dict[bytes, dict[str, Request]] = {}
         self.admission = Admission(config, registry)
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
-        self.tokenizing: dict[tuple[bytes, str], Tokenizing] = {}
-        self._tokenizer_thread: ThreadPoolExecutor | None = None
+        self.tokenizer = PromptTokenizer(config.max_tokenizing, self._tokenized)
 
     def close(self) -> None:
         """Stop the tokenizer thread; answer what it still holds with ``unavailable``."""
-        for job in list(self.tokenizing.values()):
-            if not job.gone:
-                self.outbox.error(job.client, job.msg.rid, P.ERR_UNAVAILABLE, "the router is shutting down")
-        self.tokenizing.clear()
-        if self._tokenizer_thread is not None:
-            self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        for job in self.tokenizer.close():
+            self.outbox.error(job.client, job.msg.rid, P.ERR_UNAVAILABLE, "the router is shutting down")
 
     # -- clients ---------------------------------------------------------------------------
     def submit(self, client: bytes, msg: P.Generate) -> None:
         """Admit and queue a Generate; every refusal is answered with an Error. A long text
-        prompt is tokenized on the tokenizer thread first (see ``Tokenizing``)."""
+        prompt is tokenized on the tokenizer thread first (router/tokenizing.py)."""
         mine = self.by_client.get(client, {})
-        num_waiting = len(self.waiting) + len(self.tokenizing)
+        num_waiting = len(self.waiting) + len(self.tokenizer)
         try:
+            if (client, msg.rid) in self.tokenizer:
+                raise Rejected(msg.rid, P.ERR_INVALID, f"request id {msg.rid!r} is already in use on this connection")
             if self.admission.is_heavy(msg):
-                if isinstance(msg.rid, str) and (client, msg.rid) in self.tokenizing:
-                    raise Rejected(msg.rid, P.ERR_INVALID, f"request id {msg.rid!r} is already in use "
-                                                           "on this connection")
-                if len(self.tokenizing) >= self.config.max_tokenizing:
-                    raise Rejected(msg.rid, P.ERR_OVERLOADED, f"{len(self.tokenizing)} long prompts are "
+                if self.tokenizer.is_full:
+                    raise Rejected(msg.rid, P.ERR_OVERLOADED, f"{len(self.tokenizer)} long prompts are "
                                                               "already being tokenized (the limit); retry later")
                 self.admission.precheck(msg, self.model, num_waiting, mine)
-                self._tokenize(client, msg)
+                self.tokenizer.start(client, msg, self.model)
                 return
             req = self.admission.admit(client, msg, self.model, num_waiting, mine)
         except Rejected as exc:
@@ -114,29 +98,16 @@ class RequestScheduler:
         self.counters["rejected"] += 1
         self.outbox.error(client, exc.client_rid, exc.code, exc.message)
 
-    def _tokenize(self, client: bytes, msg: P.Generate) -> None:
-        if self._tokenizer_thread is None:
-            self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-tokenize")
-        job = self.tokenizing[(client, msg.rid)] = Tokenizing(client, msg)
-        model = self.model
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._tokenizer_thread, self.admission.encode_prompt, model, msg.prompt)
-        future.add_done_callback(lambda f: self._tokenized(job, f))
-
-    def _tokenized(self, job: Tokenizing, future: asyncio.Future) -> None:
-        if self.tokenizing.get((job.client, job.msg.rid)) is job:
-            del self.tokenizing[(job.client, job.msg.rid)]
-        if job.gone or future.cancelled():
+    def _tokenized(self, job: TokenizeJob, encoded: list[int] | Exception) -> None:
+        if isinstance(encoded, Exception):
+            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID,
+                                              f"the prompt could not be tokenized: {encoded}"))
             return
         try:
-            encoded = future.result()
-            req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizing),
+            req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizer),
                                        self.by_client.get(job.client, {}), encoded)
         except Rejected as exc:
             self._reject(job.client, exc)
-            return
-        except Exception as exc:  # the tokenizer failed on this text
-            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID, f"the prompt could not be tokenized: {exc}"))
             return
         self._enqueue(req)
         if job.cancelled:
@@ -154,15 +125,14 @@ class RequestScheduler:
         req = self.by_client.get(client, {}).get(client_rid)
         if req is not None:
             self._finish(req, P.FINISH_ABORT, [], "")
-        elif (client, client_rid) in self.tokenizing:
-            self.tokenizing[(client, client_rid)].cancelled = True
+        else:
+            self.tokenizer.cancel(client, client_rid)
 
     def client_gone(self, client: bytes) -> None:
         """The client's connection dropped: abort its requests without answering."""
         for req in list(self.by_client.get(client, {}).values()):
             self._finish(req, P.FINISH_ABORT, [], "", notify=False)
-        for key in [k for k in self.tokenizing if k[0] == client]:
-            self.tokenizing.pop(key).gone = True
+        self.tokenizer.client_gone(client)
 
     # -- dispatch --------------------------------------------------------------------------
     def schedule(self) -> None:
@@ -459,4 +429,4 @@ class RequestScheduler:
         for req in self.requests.values():
             states[req.state.value] += 1
         return {"queued": len(self.waiting), "active": len(self.requests) - len(self.waiting),
-                "tokenizing": len(self.tokenizing), "states": states, **self.counters}
+                "tokenizing": len(self.tokenizer), "states": states, **self.counters}

@@ -76,6 +76,7 @@ class Router:
         self._backend: LoopSocket | None = None
         self._tick_task: asyncio.Task | None = None
         self._dead_pending: set[WorkerRecord] = set()
+        self._behind_since: float | None = None  # since when worker messages wait unread at ticks
         self.clients: ClientSender | None = None
         # Written by the local supervisor (router/supervisor.py) on this loop: worker id ->
         # {"restarts": int, "gave_up": str | None}. Read by status() and metrics.
@@ -148,13 +149,23 @@ class Router:
         while True:
             await asyncio.sleep(self.config.tick_s)
             now = time.monotonic()
-            for worker, rule, reason in self.registry.verdicts(now, self.config.heartbeat_timeout_s,
-                                                               self.config.stuck_timeout_s):
-                log.warning("worker %s (pid %s) %s: declared dead (%s)", worker.worker_id, worker.pid,
-                            reason, rule)
-                self._worker_dead(worker, rule, reason)
+            self._judge_liveness(now)
             self.watchdog.tick(now)
             self.clients.flush()
+
+    def _judge_liveness(self, now: float) -> None:
+        # While worker messages wait unread, silence or a frozen step count may be the router's
+        # own backlog: judge once it has caught up (or has been behind for a whole heartbeat
+        # timeout, so that a flood cannot hide a dead worker forever).
+        if self._backend.has_input():
+            self._behind_since = self._behind_since or now
+            if now - self._behind_since < self.config.heartbeat_timeout_s:
+                return
+        self._behind_since = None
+        for worker, rule, reason in self.registry.verdicts(now, self.config.heartbeat_timeout_s,
+                                                           self.config.stuck_timeout_s):
+            log.warning("worker %s (pid %s) %s: declared dead (%s)", worker.worker_id, worker.pid, reason, rule)
+            self._worker_dead(worker, rule, reason)
 
     @property
     def num_restarts(self) -> int:

@@ -117,6 +117,15 @@ class LoopSocket:
         """Messages waiting for room in the socket's queue (non-ROUTER sockets)."""
         return len(self._pending)
 
+    def has_input(self) -> bool:
+        """Whether messages wait unread (the loop is behind on this socket)."""
+        if self._closed:
+            return False
+        if self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_drain()  # reading EVENTS may consume the edge: make sure we drain
+            return True
+        return False
+
     def clear_pending(self) -> None:
         self._pending.clear()
 
