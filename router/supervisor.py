@@ -65,6 +65,7 @@ class Slot:
     registered: bool = False        # its current process has registered with the router
     gave_up: str | None = None
     restart_at: float | None = None  # when to start it again (None: running, or given up)
+    killed_pid: int | None = None    # the process it was last told to kill (killed once)
     deaths: deque = field(default_factory=lambda: deque(maxlen=16))
 
 
@@ -155,7 +156,8 @@ class Supervisor:
             slot.start_failures = 0
             return
         rule = record.get("dead_rule")
-        if rule in BROKEN or rule == SILENT:
+        if (rule in BROKEN or rule == SILENT) and slot.killed_pid != proc.proc.pid:
+            slot.killed_pid = proc.proc.pid
             log.warning("worker %s (pid %d) was declared dead by the router (%s) but its process lives: "
                         "killing it", slot.worker_id, proc.proc.pid, record.get("dead_reason"))
             try:
