@@ -1,7 +1,7 @@
 """Chaos benchmark: streaming load while workers are SIGKILLed and SIGSTOPped, clients cancel at
 random, and a hostile connection sends malformed traffic; the supervisor restarts what dies.
 
-    python bench/chaos.py --json chaos.json [--duration 180] [--prefill 2 --decode 2]
+    python -m bench.chaos --json chaos.json [--duration 180] [--prefill 2 --decode 2]
 
 1. Starts a supervised local cluster (as ``pdserve serve``; the demo model unless ``--model``).
 2. Runs the workload once undisturbed: those outputs are the reference (half the requests are
@@ -35,18 +35,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
-    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import msgpack
+import zmq
+import zmq.asyncio
 
-import msgpack  # noqa: E402
-import zmq  # noqa: E402
-import zmq.asyncio  # noqa: E402
-
-from router import protocol as P  # noqa: E402
-from router.client import AsyncClient, Client, ClientTimeout, ServerError  # noqa: E402
-from router.launcher import LocalCluster  # noqa: E402
+from router import protocol as P
+from router.client import AsyncClient, Client, ClientTimeout, ServerError
+from router.launcher import LocalCluster
 
 CLEAN_KEYS = ("lost", "hangs", "duplicated_tokens", "mismatched_outputs", "leaked_blocks")
 

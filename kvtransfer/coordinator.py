@@ -25,12 +25,13 @@ import zmq.asyncio
 
 from kvtransfer.allocator import BlockAllocator
 from kvtransfer.reservation import ReservationTable
+from kvtransfer.spec import TRANSPORT_EXTRAS
 from kvtransfer.transport import TransferDone, TransferEvent, TransferFailed
 from kvtransfer.wire import WireError, pack, unpack
 
 logger = logging.getLogger(__name__)
 
-RANK_KINDS = frozenset({"hello", "rank_done", "rank_failed", "released"})
+RANK_KINDS = frozenset({"hello", "rank_started", "rank_done", "rank_failed", "released"})
 
 
 @dataclass
@@ -46,11 +47,15 @@ class KVCoordinator:
 
     def __init__(self, allocator: BlockAllocator, *, endpoint: str, tp_size: int = 1,
                  default_transport: str = "zmq", reserve_timeout_s: float = 30.0,
-                 quarantine_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+                 quarantine_timeout_s: float = 60.0, start_timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if tp_size <= 0:
             raise ValueError(f"tp_size must be positive, got {tp_size}")
+        # A reservation's timeout runs from its writer's start; before that it is bounded by
+        # the writer's liveness (PeerDead) and start_timeout_s (None: the same timeout).
         self.table = ReservationTable(allocator, reserve_timeout_s=reserve_timeout_s,
-                                      quarantine_timeout_s=quarantine_timeout_s, clock=clock)
+                                      quarantine_timeout_s=quarantine_timeout_s,
+                                      start_timeout_s=start_timeout_s, clock=clock)
         self.tp_size = tp_size
         self.default_transport = default_transport
         self._clock = clock
@@ -119,7 +124,7 @@ class KVCoordinator:
         by_transport = self._counts["by_transport"]
         by_transport[transport] = by_transport.get(transport, 0) + 1
         self._broadcast(pack("open", x=transfer_id, blocks=block_ids, transport=transport, writer=writer))
-        extras = {"shm": ("shm_path", "owners_path"), "nixl": ("nixl_agent",)}.get(transport, ())
+        extras = TRANSPORT_EXTRAS.get(transport, ())
         ranks = [{"endpoint": e["endpoint"], "num_blocks": e["num_blocks"], "block_ids": block_ids,
                   **{k: e[k] for k in extras}} for e in (self._ranks[r] for r in range(self.tp_size))]
         return {"transport": transport, "transfer_id": transfer_id,
@@ -209,7 +214,9 @@ class KVCoordinator:
         progress = self._progress.get(tid)
         if progress is None:
             return
-        if kind == "rank_failed":
+        if kind == "rank_started":
+            self.table.writer_started(tid)
+        elif kind == "rank_failed":
             self._fail(tid, msg["reason"], writer_dead=msg.get("writer_dead", False))
         elif kind == "rank_done" and self.table.is_live(tid):
             progress.done.add(rank)
@@ -234,7 +241,7 @@ class KVCoordinator:
                             ("boot_id", str), ("shm_id", str)):
             if not isinstance(entry.get(name), types):
                 raise WireError(f"rank {rank}'s registration lacks {name!r}")
-        extras = {"shm": ("shm_path", "owners_path"), "nixl": ("nixl_agent",)}
+        extras = TRANSPORT_EXTRAS
         for transport in entry["transports"]:
             if not all(isinstance(entry.get(name), str) for name in extras.get(transport, ())):
                 raise WireError(f"rank {rank} offers {transport} without {extras[transport]}")

@@ -21,6 +21,7 @@ from kvtransfer.nixl_transport import NixlWriter, nixl_available
 from kvtransfer.plan import HeadSlice, block_runs, head_slices, slice_block_bytes
 from kvtransfer.pool import KVPool
 from kvtransfer.shm_transport import ShmWriter
+from kvtransfer.spec import num_blocks_for
 from kvtransfer.transfer import KVTransfer
 from kvtransfer.transport import Destination, RankTarget, TransferError
 from kvtransfer.wire import pack
@@ -110,7 +111,7 @@ class KVSender:
                              f"{self.pool.num_blocks}")
         bs = self.pool.spec.block_size
         num_tokens = len(block_ids) * bs if num_tokens is None else num_tokens
-        if -(-num_tokens // bs) != len(block_ids):
+        if num_blocks_for(num_tokens, bs) != len(block_ids):
             raise ValueError(f"{num_tokens} tokens do not fill exactly {len(block_ids)} blocks of {bs}")
         if parsed.transport == "nixl" and not nixl_available():
             raise ValueError("the destination asks for nixl, which is not installed here; "
@@ -136,6 +137,10 @@ class KVSender:
     def stats(self) -> dict:
         with self._lock:
             return {**self._stats, "transfers_active": len(self._active)}
+
+    def is_alive(self) -> bool:
+        """Whether the sender thread still runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Abort what is still in flight, stop the thread, release sockets and mappings."""
@@ -222,7 +227,9 @@ class KVSender:
             if not self._notify(dest.ranks[s.d_rank], start):
                 raise TransferError(f"decode rank {s.d_rank} is unreachable")
 
-    def _send_layers(self, flight: _Flight, layers: range, first: int, last: int) -> None:
+    def _send_layers(self, flight: _Flight, layers: range, first: int, last: int, ready=None) -> None:
+        if ready is not None:
+            ready.synchronize()   # the layer's K/V writes on the GPU are done: the blocks are final
         transfer = flight.transfer
         dest = transfer.dest
         src_ids = transfer.block_ids[first:last]

@@ -8,13 +8,18 @@ push their own kv-head shard of every layer.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from models.parallel import ParallelContext
-from prefill.engine import PrefillEngine, RankTransfers, run_prefill_plan
-from prefill.tp_group import TPGroup, follow_plans
-from prefill.worker_common import StepWorker, WorkerOptions, build_runner, run_worker, worker_info
+from models.request_options import RequestOptions
+from prefill.engine import Answer, PrefillEngine, RankTransfers, run_prefill_plan
 from router import protocol as P
+from worker.options import WorkerOptions
+from worker.process import run_worker
+from worker.runner import build_runner, restrict, worker_info
+from worker.step_loop import StepWorker
+from worker.tp_group import TPGroup, follow_plans
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -46,43 +51,57 @@ class PrefillWorker(StepWorker):
                                     max_num_seqs=opts.max_num_seqs)
 
     def info(self) -> dict:
-        from decode.kv_receive import restrict
         caps = restrict(self.transfers.sender.capabilities(), self.opts.kv_transport)
         return worker_info(self.opts, self.engine.runner, caps)
-
-    def background_tasks(self) -> list:
-        return []
 
     def handle(self, msg: P.Message) -> None:
         if isinstance(msg, P.Prefill):
             try:
-                self.engine.add(msg.rid, msg.transfer_id, list(msg.token_ids), msg.sampling,
-                                msg.dest, msg.output_index)
+                self.engine.add(msg.rid, msg.transfer_id, list(msg.token_ids),
+                                RequestOptions.from_wire(msg.sampling), msg.dest, msg.output_index)
             except ValueError as exc:
                 self.link.send(P.WorkerError(msg.rid, msg.transfer_id, str(exc)))
                 return
             self.wake.set()
         elif isinstance(msg, P.Free):
-            self.engine.abort(msg.rid)
+            self.publish(self.engine.abort(msg.rid))
             self.wake.set()
 
     def on_router_lost(self) -> None:
         for rid in list(self.engine.scheduler.by_rid):
-            self.engine.abort(rid)
+            self.publish(self.engine.abort(rid))
         self.wake.set()
 
-    def publish(self, applied) -> None:
-        finished, failed = applied
-        for request, result, reason in finished:
-            self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
-                                        result.logprob, reason))
-        for request, error in failed:
-            self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
+    def publish(self, answers: list[Answer]) -> None:
+        for answer in answers:
+            request = answer.request
+            if answer.error is None:
+                self.link.send(P.FirstToken(request.rid, request.transfer_id, answer.result.token_id,
+                                            answer.result.logprob, answer.finish_reason))
+            else:
+                self.link.send(P.WorkerError(request.rid, request.transfer_id, answer.error))
 
-    def stats(self) -> dict:
-        stats = self.engine.stats()
-        stats.update(self.transfers.sender.stats())
-        return stats
+    def after_step(self, output: dict) -> None:
+        # Rank 0's transfers resolve on the sender thread; their outcome is booked on the loop.
+        loop = asyncio.get_running_loop()
+
+        def notify(future, transfer_id: str) -> None:
+            if not loop.is_closed():      # after shutdown nobody is left to tell
+                loop.call_soon_threadsafe(self._transfer_settled, transfer_id, future)
+
+        for transfer_id, future in output["started"].items():
+            future.add_done_callback(lambda fut, tid=transfer_id: notify(fut, tid))
+
+    def _transfer_settled(self, transfer_id: str, future) -> None:
+        error = future.exception()
+        self.publish(self.engine.settle(transfer_id, None if error is None else str(error)))
+        self.wake.set()   # its blocks may be free now
+
+    def kv_stats(self) -> dict:
+        return self.transfers.sender.stats()
+
+    def thread_health(self) -> str | None:
+        return None if self.transfers.sender.is_alive() else "the KV sender thread stopped"
 
     def close_transport(self) -> None:
         self.transfers.close()

@@ -7,18 +7,20 @@ Three rules, checked every router tick (router/server.py):
   monotonic) has not advanced for ``stuck_timeout_s`` past the slowest step it has shown. Rank 0's
   event loop still heartbeats while a TP rank hangs in a collective or the model thread waits
   forever; only the step counter tells. Idle time never counts.
-- **unhealthy**: a heartbeat reports a ``health`` other than ``"ok"`` (a string, or a mapping of
-  thread / rank name to its state), e.g. a dead KV receiver thread.
+- **unhealthy**: a heartbeat reports a ``health`` problem (a one-line reason; None when every
+  thread and TP rank is fine), e.g. a dead KV receiver thread or an exited TP rank.
 
 A worker declared dead by any rule is failed over exactly as if it had been killed. A worker
 declared stuck or unhealthy may not register again from the same process (it is broken; the
 supervisor, or its operator, restarts it); a silent one may, once it speaks again.
 
-Workers that send no ``num_steps`` (older builds) are checked by the silent rule only.
+Heartbeat stats arrive as ``router.payloads.HeartbeatStats`` (checked on decode).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from router.payloads import HeartbeatStats
 
 SILENT = "silent"
 STUCK = "stuck"
@@ -32,25 +34,23 @@ BROKEN = (STUCK, UNHEALTHY)
 class Progress:
     """What the router knows about one worker's progress (kept on its WorkerRecord)."""
 
-    num_steps: int | None = None     # last reported step counter (None: not reported)
+    num_steps: int | None = None     # last reported step counter (None: no heartbeat yet)
     has_work: bool = False           # last reported: a step is planned or running
     last_step_at: float = 0.0        # when the counter last moved, or the worker was last idle
     slowest_step_s: float = 0.0      # the longest time the counter took to move while busy
     health: str | None = None        # None when healthy, else what is wrong
 
-    def observe(self, stats: dict, now: float) -> None:
-        """Fold one heartbeat's stats in (malformed fields are ignored, never trusted)."""
-        steps = stats.get("num_steps")
-        if isinstance(steps, int) and not isinstance(steps, bool):
-            if steps != self.num_steps:
-                if self.num_steps is not None and self.has_work:
-                    self.slowest_step_s = max(self.slowest_step_s, now - self.last_step_at)
-                self.num_steps = steps
-                self.last_step_at = now
-            self.has_work = stats.get("has_work") is True
-            if not self.has_work:
-                self.last_step_at = now  # idle: the next step's clock starts now
-        self.health = _health_problem(stats.get("health"))
+    def observe(self, stats: HeartbeatStats, now: float) -> None:
+        """Fold one heartbeat's stats in."""
+        if stats.num_steps != self.num_steps:
+            if self.num_steps is not None and self.has_work:
+                self.slowest_step_s = max(self.slowest_step_s, now - self.last_step_at)
+            self.num_steps = stats.num_steps
+            self.last_step_at = now
+        self.has_work = stats.has_work
+        if not self.has_work:
+            self.last_step_at = now  # idle: the next step's clock starts now
+        self.health = stats.health[:400] if stats.health else None
 
     def stuck_for(self, now: float, timeout_s: float) -> float | None:
         """Seconds without a step while busy, if past the bound; else None."""
@@ -58,16 +58,6 @@ class Progress:
             return None
         waited = now - self.last_step_at
         return waited if waited > timeout_s + self.slowest_step_s else None
-
-
-def _health_problem(health) -> str | None:
-    """None for "ok" (or no report), else a short description of what is not ok."""
-    if health is None or health == "ok":
-        return None
-    if isinstance(health, dict):
-        bad = [f"{name}: {state}" for name, state in health.items() if state != "ok"]
-        return "; ".join(str(b)[:200] for b in bad[:8]) or None
-    return str(health)[:400]
 
 
 def verdict(progress: Progress, last_seen: float, now: float, heartbeat_timeout_s: float,

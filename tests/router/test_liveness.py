@@ -7,6 +7,7 @@ import pytest
 from router import protocol as P
 from router.client import AsyncClient
 from router.liveness import Progress, verdict
+from router.payloads import HeartbeatStats
 from router.worker_link import RegistrationRefused, WorkerLink
 from tests.router.helpers import FINGERPRINT, make_router
 from tests.router.test_workers import info as worker_info
@@ -14,23 +15,26 @@ from tests.router.test_workers import info as worker_info
 CAPS = {"transports": ["zmq"], "host": "h", "boot_id": "b", "shm_id": "s"}
 
 
+def beat(num_steps, has_work, health=None):
+    return HeartbeatStats(num_blocks=10, free_blocks=10, num_steps=num_steps, has_work=has_work, health=health)
+
+
 def test_progress_counts_only_busy_time_and_learns_the_slowest_step():
     p = Progress()
-    p.observe({"num_steps": 0, "has_work": False}, 0.0)
-    p.observe({"num_steps": 0, "has_work": False}, 50.0)   # idle for long: never stuck
+    p.observe(beat(0, False), 0.0)
+    p.observe(beat(0, False), 50.0)   # idle for long: never stuck
     assert p.stuck_for(60.0, 5.0) is None
-    p.observe({"num_steps": 0, "has_work": True}, 51.0)
-    p.observe({"num_steps": 1, "has_work": True}, 54.0)    # a 4 s step (since idle at 50)
+    p.observe(beat(0, True), 51.0)
+    p.observe(beat(1, True), 54.0)    # a 4 s step (since idle at 50)
     assert p.slowest_step_s == 4.0
     assert p.stuck_for(62.9, 5.0) is None                  # 8.9 s < 5 s past the slowest 4 s
     assert p.stuck_for(63.5, 5.0) == pytest.approx(9.5)
-    p.observe({"num_steps": "x", "has_work": True, "health": "ok"}, 64.0)  # malformed: ignored
-    assert p.num_steps == 1 and p.health is None
     assert verdict(p, 64.0, 64.0, 5.0, 5.0)[0] == "stuck"
-    p.observe({"num_steps": 2, "has_work": True, "health": {"kv_receiver": "dead: EOF", "model": "ok"}}, 65.0)
-    assert verdict(p, 65.0, 65.0, 5.0, 5.0) == ("unhealthy", "reported itself unhealthy: kv_receiver: dead: EOF")
+    p.observe(beat(2, True, "the KV receiver thread died: EOF"), 65.0)
+    assert verdict(p, 65.0, 65.0, 5.0, 5.0) == ("unhealthy", "reported itself unhealthy: the KV receiver "
+                                                             "thread died: EOF")
     assert verdict(Progress(), 0.0, 6.0, 5.0, 5.0) == ("silent", "sent nothing for 6.0s")
-    assert verdict(Progress(), 0.0, 6.0, 7.0, 5.0) is None  # no step counter: the silent rule only
+    assert verdict(Progress(), 0.0, 6.0, 7.0, 5.0) is None  # no heartbeat yet: the silent rule only
 
 
 async def test_a_worker_with_work_and_no_steps_is_declared_stuck_and_its_requests_fail_over(tmp_path):
