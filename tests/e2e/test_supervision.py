@@ -3,6 +3,7 @@
 requests fail over and complete), and a worker that keeps failing at start is given up on."""
 import asyncio
 import os
+import re
 import signal
 import time
 
@@ -50,21 +51,30 @@ def wait_restarted(endpoint: str, old: dict, timeout_s: float = 120.0) -> dict:
 
 
 async def stream_all(endpoint: str, fault=None) -> list[list[int]]:
-    """Greedy-stream every prompt; call ``fault`` once the first tokens arrived."""
-    fired = asyncio.Event()
-
+    """Greedy-stream every prompt, running ``fault`` (blocking) beside them."""
     async def one(client, prompt):
         tokens = []
         async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=MAX_TOKENS,
                                            temperature=0, ignore_eos=True):
             tokens += chunk.token_ids
-            if fault is not None and not fired.is_set() and len(tokens) >= 2:
-                fired.set()
-                await asyncio.get_running_loop().run_in_executor(None, fault)
         return tokens
 
     async with AsyncClient(endpoint, timeout=120) as client:
-        return list(await asyncio.gather(*(one(client, p) for p in PROMPTS)))
+        streams = asyncio.gather(*(one(client, p) for p in PROMPTS))
+        if fault is not None:
+            await asyncio.get_running_loop().run_in_executor(None, fault)
+        return list(await streams)
+
+
+def when_decoding(endpoint: str, worker_id: str, action) -> None:
+    """Run ``action`` once ``worker_id`` has requests placed on it (the router's own count)."""
+    deadline = time.monotonic() + 60
+    with Client(endpoint, timeout=30) as client:
+        while not any(w["id"] == worker_id and w["alive"] and w["assigned"] >= 4
+                      for w in client.status()["workers"]):
+            assert time.monotonic() < deadline, "the requests never reached the worker"
+            time.sleep(0.01)
+    action()
 
 
 def test_sigkilled_workers_are_restarted_and_register_again(server):
@@ -89,15 +99,17 @@ def test_a_stopped_worker_is_declared_dead_killed_and_restarted_and_nothing_is_l
     old = live_worker(endpoint, role)
     stop = lambda: os.kill(old["pid"], signal.SIGSTOP)  # noqa: E731
     # The whole process stops (its heartbeats too): the silent rule declares it dead. The decode
-    # worker stops mid-stream; the prefill worker before the prompts reach it.
+    # worker stops with requests on it; the prefill worker before the prompts reach it.
     if role == "prefill":
         stop()
-    disturbed = asyncio.run(stream_all(endpoint, fault=stop if role == "decode" else None))
+    fault = (lambda: when_decoding(endpoint, old["id"], stop)) if role == "decode" else None
+    disturbed = asyncio.run(stream_all(endpoint, fault=fault))
     assert disturbed == reference  # failed over and resumed: nothing lost, nothing duplicated
     new = wait_restarted(endpoint, old)
     assert new["restarts"] == old["restarts"] + 1
     log = (tmp / "serve.log").read_text()
-    assert f"worker {old['id']} (pid {old['pid']}) sent nothing for" in log
+    # Silent, or (decode, stopped mid-step) stuck first: its last heartbeat said it was busy.
+    assert re.search(rf"worker {old['id']} \(pid {old['pid']}\) .*: declared dead \((silent|stuck)\)", log)
     assert f"worker {old['id']} (pid {old['pid']}) was declared dead by the router" in log
     assert status(endpoint)["router"]["failovers"] > 0
     with Client(endpoint, timeout=60) as client:
