@@ -48,7 +48,8 @@ class Outbox(Protocol):
     def to_worker(self, worker: WorkerRecord, msg: P.Message) -> None: ...
 
     def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
-        """Send a Chunk; False if the client cannot take it (gone, or too far behind)."""
+        """Send a Chunk. False: the request must end now without another answer (the client
+        is gone, or too far behind and was sent an ``overloaded`` error instead)."""
 
     def error(self, client: bytes, client_rid: str, code: str, message: str) -> None: ...
 

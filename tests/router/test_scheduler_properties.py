@@ -186,7 +186,7 @@ class Harness:
             assert len(answers) == 1, f"{key} answered {answers}"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, max_size=60))
 def test_every_request_is_answered_once_and_nothing_is_left(script):
     async def run():
