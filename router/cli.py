@@ -39,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run the router as its own process instead of a thread")
     serve.add_argument("--no-restart", action="store_true",
                        help="do not restart workers that die (or kill those declared stuck)")
-    serve.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                       help="seconds of worker silence before it is declared dead")
-    serve.add_argument("--stuck-timeout", type=float, default=10.0,
-                       help="seconds past its slowest step that a worker with work may go without "
-                            "completing a step before it is declared dead")
+    _add_liveness_arguments(serve)
     add_engine_arguments(serve)
 
     router = sub.add_parser("router", help="start only the router; workers connect to --backend")
@@ -53,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto")
     router.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
     router.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 'overloaded'")
-    router.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                        help="seconds of worker silence before it is declared dead")
-    router.add_argument("--stuck-timeout", type=float, default=10.0,
-                        help="seconds past its slowest step that a worker with work may go without "
-                             "completing a step before it is declared dead")
+    _add_liveness_arguments(router)
     router.add_argument("--unavailable-timeout", type=float, default=30.0,
                         help="seconds a request waits for a missing worker role")
     router.add_argument("--handoff-timeout", type=float, default=30.0,
@@ -91,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="load-test a server (pdserve bench --help)", add_help=False)
     return parser
+
+
+def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                        help="seconds of worker silence before it is declared dead")
+    parser.add_argument("--stuck-timeout", type=float, default=10.0,
+                        help="seconds past its slowest step that a worker with work may go without "
+                             "completing a step before it is declared dead")
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
