@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import time
+from typing import Protocol
 
 import msgpack
 import zmq
@@ -60,6 +61,15 @@ def prepare_ipc_endpoint(endpoint: str) -> None:
     raise ValueError(f"another process is listening on {endpoint}; stop it or choose another endpoint")
 
 
+class LocalClient(Protocol):
+    """A client inside the router process (the HTTP gateway): the scheduler's output for its
+    requests, as the frontend socket would have carried it."""
+
+    def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool: ...
+
+    def error(self, client_rid: str, code: str, message: str) -> None: ...
+
+
 class Router:
     """Serves clients and workers on the running event loop until ``close()``."""
 
@@ -82,6 +92,10 @@ class Router:
         # Written by the local supervisor (router/supervisor.py) on this loop: worker id ->
         # {"restarts": int, "gave_up": str | None}. Read by status() and metrics.
         self.supervision: dict[str, dict] = {}
+        # In-process clients (the HTTP gateway), by client id: their chunks and errors are
+        # handed over directly instead of sent on the frontend socket.
+        self.local_clients: dict[bytes, LocalClient] = {}
+        self.http_url: str | None = None  # set by the HTTP gateway once it listens
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -190,7 +204,7 @@ class Router:
                            "this connection is not reading its replies (its backlog is full); "
                            "read the replies, then retry")
                 return
-            self.scheduler.submit(client, msg)
+            self.scheduler.submit(client, msg, offload=True)
         elif isinstance(msg, P.Cancel):
             self.scheduler.cancel(client, msg.rid)
         elif isinstance(msg, P.StatusRequest):
@@ -301,6 +315,9 @@ class Router:
     def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
         """Send a Chunk. False: the request must end now, already answered (the client is
         gone, or too far behind: then it got an ``overloaded`` error instead)."""
+        local = self.local_clients.get(req.client)
+        if local is not None:
+            return local.chunk(req, token_ids, text, finish_reason)
         if self._frontend is None:
             return False
         # Same layout as protocol.encode(Chunk(...)), without building the dataclass.
@@ -314,7 +331,10 @@ class Router:
         return result not in (BACKLOGGED, GONE)
 
     def error(self, client: bytes, client_rid: str, code: str, message: str) -> None:
-        if self._frontend is not None:
+        local = self.local_clients.get(client)
+        if local is not None:
+            local.error(client_rid, code, message)
+        elif self._frontend is not None:
             self.clients.send(client, _error_packer.pack([P.Error.TAG, client_rid, code, message]), final=True)
 
     # -- status -----------------------------------------------------------------------------
@@ -342,7 +362,7 @@ class Router:
                            "model": model.name if model else None,
                            "fingerprint": self.registry.fingerprint,
                            "kv_spec": self.registry.kv_spec.to_dict() if self.registry.kv_spec else None,
-                           "num_workers": len(self.registry.alive()),
+                           "num_workers": len(self.registry.alive()), "http": self.http_url,
                            "restarts": self.num_restarts,
                            "given_up": {wid: s["gave_up"] for wid, s in self.supervision.items()
                                         if s.get("gave_up")},
