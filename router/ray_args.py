@@ -25,7 +25,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                      help="decode workers receive KV over tcp on this address; 'node': each node's own")
 
 
-def ray_cluster(args: argparse.Namespace, engine: dict, http=None):
+def ray_cluster(args: argparse.Namespace, engine: dict, http=None, router_options: dict | None = None):
     """The ``RayCluster`` that ``pdserve serve --launcher ray`` runs (``http``: its HttpConfig,
     or None). Raises ValueError."""
     from router.ray_launcher import RayCluster, RayOptions
@@ -40,4 +40,5 @@ def ray_cluster(args: argparse.Namespace, engine: dict, http=None):
 
     return RayCluster(num_prefill=args.prefill, num_decode=args.decode,
                       listen=args.listen or default_endpoint("client"),
-                      backend=args.backend, curve_dir=args.curve_dir, ray=options, http=http, **engine)
+                      backend=args.backend, curve_dir=args.curve_dir, ray=options, http=http,
+                      router_options=router_options, **engine)

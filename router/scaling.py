@@ -88,7 +88,8 @@ class Drainer:
         worker = entry.worker
         if worker.alive:
             self.router.to_worker(worker, P.Shutdown("drained: the cluster was scaled down"))
-            self.router.declare_dead(worker)  # fails over anything left past the deadline
+            # Fails over anything it still holds past the deadline.
+            self.router.declare_dead(worker, "drained", "removed by a scale-down")
             log.info("worker %s drained", worker_id)
         if self.router.registry.by_id.get(worker_id) is worker:
             del self.router.registry.by_id[worker_id]  # removed on purpose: not a dead worker to show

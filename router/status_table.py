@@ -3,7 +3,7 @@ of every (prefill, decode) pair."""
 from __future__ import annotations
 
 COLUMNS = ("WORKER", "ROLE", "TP", "NODE", "TRANSPORT", "KV USED", "BLOCKS FREE", "RUNNING", "QUEUED",
-           "ALIVE")
+           "RESTARTS", "ALIVE")
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:
@@ -22,17 +22,21 @@ def format_status(status: dict) -> str:
     r = status.get("router", {})
     lines = [f"model {r.get('model')}  workers {r.get('num_workers', 0)}  queued {r.get('queued', 0)}  "
              f"active {r.get('active', 0)}  finished {r.get('finished', 0)}  aborted {r.get('aborted', 0)}  "
-             f"failed {r.get('failed', 0)}  rejected {r.get('rejected', 0)}  failovers {r.get('failovers', 0)}"]
+             f"failed {r.get('failed', 0)}  rejected {r.get('rejected', 0)}  failovers {r.get('failovers', 0)}  "
+             f"restarts {r.get('restarts', 0)}"]
     rows = [COLUMNS]
     for w in status.get("workers", []):
-        alive = ("draining" if w.get("draining") else "yes") if w.get("alive") else "no"
+        alive = (("draining" if w.get("draining") else "yes") if w.get("alive")
+                 else f"no ({w.get('dead_rule') or 'dead'})")
         rows.append((str(w.get("id")), str(w.get("role")), str(w.get("tp")), _short_node(w.get("node")),
                      ",".join(w.get("transports") or []) or "-", f"{100 * w.get('kv_usage', 0):.1f}%",
                      f"{w.get('free_blocks')}/{w.get('num_blocks')}", str(w.get("running")),
-                     str(w.get("queued")), alive))
+                     str(w.get("queued")), str(w.get("restarts", 0)), alive))
     lines += _table(rows)
     if len(rows) == 1:
         lines.append("(no workers registered)")
+    for worker_id, why in (r.get("given_up") or {}).items():
+        lines.append(f"given up on {worker_id}: {why}")
     pairs = status.get("pairs") or []
     if pairs:
         lines.append("")

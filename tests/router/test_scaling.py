@@ -42,11 +42,13 @@ async def _run(endpoint, prompts, during):
         return await asyncio.gather(*(one(client, p) for p in prompts))
 
 
-def _drain(cluster, worker_id, timeout_s, drained, held):
+def _drain(cluster, timeout_s, drained, held):
+    """Drain the decode worker that holds the most requests right now."""
     def start(router):
-        worker = router.registry.by_id[worker_id]
-        held.append(router.drainer.holds(worker))
-        router.drainer.drain(worker_id, timeout_s, drained.append)
+        decodes = [w for w in router.registry.alive() if w.role == "decode"]
+        worker = max(decodes, key=router.drainer.holds)
+        held.append((worker.worker_id, router.drainer.holds(worker)))
+        router.drainer.drain(worker.worker_id, timeout_s, drained.append)
     return lambda: cluster._router_thread.call(start, cluster._router_thread.router)
 
 
@@ -59,29 +61,35 @@ def test_drain_finishes_in_place_or_fails_over_past_the_deadline(tiny_model):
     prompts = [[rng.randrange(32, 127) for _ in range(rng.randrange(4, 30))] for _ in range(NUM_STREAMS)]
     reference = greedy_reference(tiny_model, prompts, MAX_TOKENS, stop_ids=())
     with LocalCluster(str(tiny_model), num_prefill=1, num_decode=2, num_kv_blocks=256) as cluster:
-        # In place: decode-1 finishes every request it holds, then exits on the router's Shutdown.
+        # In place: the drained worker finishes every request it holds, then exits on the
+        # router's Shutdown.
         drained, held = [], []
-        outputs = asyncio.run(_run(cluster.endpoint, prompts, _drain(cluster, "decode-1", 120, drained, held)))
-        assert outputs == reference and held[0] > 0
-        assert _process(cluster, "decode-1").wait(60) == 0  # told to shut down, not killed
-        assert drained == ["decode-1"]
+        outputs = asyncio.run(_run(cluster.endpoint, prompts, _drain(cluster, 120, drained, held)))
+        (victim, num_held), = held
+        assert outputs == reference and num_held > 0
+        (other,) = {"decode-0", "decode-1"} - {victim}
+        assert _process(cluster, victim).wait(60) == 0  # told to shut down, not killed
+        assert drained == [victim]
         with Client(cluster.endpoint, timeout=30) as client:
             status = client.status()
-            assert [w["id"] for w in status["workers"]] == ["decode-0", "prefill-0"]
+            assert sorted(w["id"] for w in status["workers"]) == sorted([other, "prefill-0"])
             assert status["router"]["failed"] == 0 and status["router"]["failovers"] == 0
             wait_all_blocks_free(client)
 
-        # Past the deadline: what decode-1 still holds fails over to decode-0, output unchanged.
-        cluster.start_worker("decode", "decode-1")
+        # Past the deadline: what the drained worker still holds fails over, output unchanged.
+        cluster.start_worker("decode", victim)
         cluster.wait_for_workers(3, 120)
         drained, held = [], []
-        outputs = asyncio.run(_run(cluster.endpoint, prompts, _drain(cluster, "decode-1", 0.2, drained, held)))
-        assert outputs == reference and held[0] > 0
-        assert _process(cluster, "decode-1").wait(60) == 0
+        outputs = asyncio.run(_run(cluster.endpoint, prompts, _drain(cluster, 0.2, drained, held)))
+        (victim, num_held), = held
+        assert outputs == reference and num_held > 0
+        (other,) = {"decode-0", "decode-1"} - {victim}
+        assert _process(cluster, victim).wait(60) == 0
+        assert drained == [victim]
         with Client(cluster.endpoint, timeout=30) as client:
             status = client.status()
             assert status["router"]["failed"] == 0 and status["router"]["failovers"] >= 1
-            assert [w["id"] for w in wait_all_blocks_free(client)] == ["decode-0", "prefill-0"]
+            assert sorted(w["id"] for w in wait_all_blocks_free(client)) == sorted([other, "prefill-0"])
 
 
 def test_scale_needs_a_launcher_that_can_start_workers(tmp_path):
