@@ -24,6 +24,7 @@ log = logging.getLogger("pdserve.worker")
 
 ROLES = ("prefill", "decode", "both")
 TRANSPORTS = ("auto", "zmq", "shm", "nixl")
+EAGER_ENV = "PDSERVE_ENFORCE_EAGER"
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class WorkerOptions:
     max_num_batched_tokens: int = 2048
     heartbeat_s: float = 0.5
     kv_dir: str | None = None             # where ipc:// KV endpoints live
+    enforce_eager: bool = False           # never compile (also PDSERVE_ENFORCE_EAGER=1)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -128,7 +130,8 @@ def build_runner(opts: WorkerOptions, ctx: ParallelContext):
     return ModelRunner(opts.model, dtype=opts.dtype, device=device, tp=ctx,
                        block_size=opts.block_size, num_blocks=opts.num_kv_blocks,
                        kv_budget_bytes=opts.kv_memory, pool_backend=backend,
-                       max_model_len=opts.max_model_len)
+                       max_model_len=opts.max_model_len,
+                       enforce_eager=opts.enforce_eager or os.environ.get(EAGER_ENV) == "1")
 
 
 def num_threads(opts: WorkerOptions) -> int:
