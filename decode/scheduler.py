@@ -20,9 +20,11 @@ class StepItem:
     token_id: int
     logprob: float
     finish_reason: str | None
+    top_logprobs: list | None = None
 
     def to_wire(self) -> list:
-        return [self.rid, self.token_id, self.logprob, self.finish_reason]
+        item = [self.rid, self.token_id, self.logprob, self.finish_reason]
+        return item if self.top_logprobs is None else item + [self.top_logprobs]
 
 
 class DecodeScheduler:
@@ -96,7 +98,7 @@ class DecodeScheduler:
             if result is None or self.by_rid.get(seq.rid) is not seq:
                 continue
             reason = seq.append(result.token_id)
-            items.append(StepItem(seq.rid, result.token_id, result.logprob, reason))
+            items.append(StepItem(seq.rid, result.token_id, result.logprob, reason, result.top_logprobs))
         if any(item.finish_reason for item in items):
             self.running = [s for s in self.running if s.finish_reason is None]
         return items

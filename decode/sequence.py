@@ -12,7 +12,7 @@ from models.sampler import SamplingParams
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 
-_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed")
+_SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "num_top_logprobs")
 _STOP_KEYS = ("max_tokens", "stop_token_ids", "ignore_eos")
 
 

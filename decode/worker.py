@@ -153,7 +153,8 @@ class DecodeWorker(StepWorker):
 
     def publish(self, out) -> None:
         for rid, transfer_id, result, reason in out.first_tokens:
-            self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason))
+            self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason,
+                                        out.num_cached.get(rid, 0), result.top_logprobs))
         if out.items:
             self.step_count += 1
             self.link.send(P.Tokens(self.opts.worker_id, self.step_count,
@@ -174,7 +175,9 @@ class DecodeWorker(StepWorker):
         if self.coordinator is not None:
             kv = self.coordinator.stats()
             stats.update(quarantined_blocks=kv.get("num_quarantined_blocks", 0),
-                         kv_transfers_done=kv.get("transfers_done"), kv_by_transport=kv.get("by_transport"))
+                         kv_transfers_done=kv.get("transfers_done"), kv_by_transport=kv.get("by_transport"),
+                         kv_transfers_failed=kv.get("transfers_failed"),
+                         reservations_expired=kv.get("reservations_expired"))
         return stats
 
     def close_transport(self) -> None:

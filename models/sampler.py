@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 SEED_LIMIT = 2**63
+MAX_TOP_LOGPROBS = 20
 
 
 def _is_int(value) -> bool:
@@ -41,12 +42,15 @@ class SamplingParams:
     top_p: keep the smallest set of most likely tokens whose mass reaches top_p; in (0, 1].
     top_k: keep the k most likely tokens; 0 turns it off. Applied before top_p.
     seed: None for fresh randomness, or an int in [0, 2**63) for a reproducible draw.
+    num_top_logprobs: how many of the most likely tokens to report with their logprobs
+    (``top_logprobs``), in [0, 20]; they never change which token is drawn.
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    num_top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         t = self.temperature
@@ -59,6 +63,9 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
             raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        n = self.num_top_logprobs
+        if not _is_int(n) or not 0 <= n <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"num_top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {n!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -128,6 +135,19 @@ class Sampler:
                 logits[rows], [params[i] for i in random_rows], [output_indices[i] for i in random_rows])
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, token_ids[:, None]).squeeze(1)
         return token_ids, logprobs
+
+    @staticmethod
+    def top_logprobs(logits: torch.Tensor, counts: list[int]) -> list[list | None]:
+        """The ``counts[i]`` most likely tokens of row i as ``[[token_id, logprob], ...]``, most
+        likely first (log-softmax of the raw logits, like ``sample``'s logprobs); None for a
+        row whose count is 0. logits: ``[N, V]``."""
+        k = min(max(counts, default=0), logits.shape[1])
+        if k == 0:
+            return [None] * len(counts)
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [N, k]
+        values, ids = values.tolist(), ids.tolist()
+        return [[[t, v] for t, v in zip(ids[i][:n], values[i][:n])] if n else None
+                for i, n in enumerate(counts)]
 
     def _sample_random(self, logits: torch.Tensor, params: list[SamplingParams],
                        output_indices: list[int]) -> torch.Tensor:

@@ -75,7 +75,8 @@ class PrefillWorker(StepWorker):
         finished, failed = applied
         for request, result, reason in finished:
             self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
-                                        result.logprob, reason))
+                                        result.logprob, reason, request.num_prefix_hit,
+                                        result.top_logprobs))
         for request, error in failed:
             self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
 

@@ -195,11 +195,14 @@ class FirstToken(Message):
     token_id: int
     logprob: float
     finish_reason: str | None = None
+    num_cached_tokens: int = 0      # prompt tokens found in the prefill worker's prefix cache
+    top_logprobs: list | None = None  # [[token_id, logprob], ...] when the request asked for them
 
 
 @dataclass
 class Tokens(Message):
-    """Decode -> router, one per engine step: ``items`` = [[rid, token_id, logprob, finish_reason|None], ...]."""
+    """Decode -> router, one per engine step: ``items`` = [[rid, token_id, logprob, finish_reason|None], ...];
+    an item has a fifth element, ``[[token_id, logprob], ...]``, when its request asked for top logprobs."""
     TAG: ClassVar[int] = 17
     worker_id: str
     step: int

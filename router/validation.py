@@ -12,9 +12,10 @@ from router import protocol as P
 from router.model_info import ModelInfo
 
 DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
-            "stop": None, "stop_token_ids": None, "ignore_eos": False}
+            "stop": None, "stop_token_ids": None, "ignore_eos": False, "num_top_logprobs": 0}
 SEED_LIMIT = 2**63
 MAX_TEMPERATURE = 1000.0
+MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
@@ -130,6 +131,9 @@ def _params(raw, model: ModelInfo) -> dict:
     seed = p["seed"]
     if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
         raise InvalidRequest(f"seed must be null or an integer in [0, 2**63), got {seed!r}")
+    num_top = p["num_top_logprobs"]
+    if not _is_int(num_top) or not 0 <= num_top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"num_top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {num_top!r}")
     if not isinstance(p["ignore_eos"], bool):
         raise InvalidRequest(f"ignore_eos must be true or false, got {p['ignore_eos']!r}")
     stop_ids = p["stop_token_ids"] or []
@@ -141,7 +145,8 @@ def _params(raw, model: ModelInfo) -> dict:
                                  f"(integers in [0, {model.vocab_size}))")
     return {"max_tokens": p["max_tokens"], "temperature": float(t), "top_p": float(p["top_p"]),
             "top_k": p["top_k"], "seed": seed, "stop_token_ids": list(dict.fromkeys(stop_ids)),
-            "ignore_eos": p["ignore_eos"], "stop": _stop_strings(p["stop"], model)}
+            "ignore_eos": p["ignore_eos"], "stop": _stop_strings(p["stop"], model),
+            **({"num_top_logprobs": num_top} if num_top else {})}
 
 
 def _stop_strings(stop, model: ModelInfo) -> tuple[str, ...]:

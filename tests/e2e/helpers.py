@@ -52,6 +52,8 @@ def serve(tmp_path: Path, *args: str, timeout_s: float = 240.0):
     """Run ``pdserve serve ARGS`` until its ready line; yield (endpoint, process); SIGTERM at the
     end and check it exits cleanly."""
     endpoint = f"ipc://{tmp_path}/client.ipc"
+    if "--port" not in args and "--no-http" not in args:
+        args = ("--port", "0", *args)  # HTTP on a free port: tests run side by side
     proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--listen", endpoint, *args],
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True,
                             start_new_session=True)
