@@ -11,8 +11,10 @@ is bounded by the number of buckets.
 Steps that carry prefill chunks, or more decode tokens than the largest bucket, run eager:
 their matmuls are large enough that per-op overhead does not matter.
 
-On CUDA the graphs are captured as CUDA graphs (Inductor's ``reduce-overhead`` mode).
-Compiled artifacts are cached on disk (Inductor's FX graph and AOT caches) under
+CUDA runs the same graphs (Triton kernels) but does not capture them as CUDA graphs: a graph
+replays fixed shapes and addresses, while the attention op gathers each step's blocks with
+tensors whose lengths change every step; that needs a paged-attention kernel over fixed-shape
+block tables first. Compiled artifacts are cached on disk (Inductor's FX graph and AOT caches) under
 ``$PDSERVE_CACHE/inductor`` (default ``~/.cache/pdserve/inductor``), so a restarted worker
 loads its graphs instead of compiling them again.
 """
@@ -69,10 +71,8 @@ class CompiledDecoder:
     one compiled graph per bucket. ``logits(input_ids, positions)`` returns float32 logits
     ``[n, vocab]`` for every row, or ``None`` when ``n`` exceeds the largest bucket."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device,
-                 buckets=DEFAULT_BUCKETS):
+    def __init__(self, model: torch.nn.Module, buckets=DEFAULT_BUCKETS):
         self.model = model
-        self.device = device
         self.buckets = check_buckets(buckets)
         self.compile_seconds: dict[int, float] = {}  # bucket -> first-call time
         enable_compile_cache()
@@ -82,13 +82,11 @@ class CompiledDecoder:
         limit = len(self.buckets) + 2
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, limit)
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, limit)
-        mode = "reduce-overhead" if device.type == "cuda" else None
         # Dynamo caches graphs per code object: a code object of its own per decoder keeps
         # the graphs of two runners in one process (tests, benchmarks) from sharing a cache.
         code = _run_layer.__code__.replace(co_name=f"_run_layer_{id(self):x}")
         self.layer_fn = types.FunctionType(code, _run_layer.__globals__, code.co_name)
-        self._run_layer = torch.compile(self.layer_fn, dynamic=False, fullgraph=True,
-                                        mode=mode)
+        self._run_layer = torch.compile(self.layer_fn, dynamic=False, fullgraph=True)
 
     def bucket_for(self, num_tokens: int) -> int | None:
         """The smallest bucket holding ``num_tokens`` rows, or None."""
@@ -99,7 +97,7 @@ class CompiledDecoder:
         bucket = self.bucket_for(n)
         if bucket is None:
             return None
-        if bucket != n:  # padded rows: token 0 at position 0, masked out by the attention op
+        if bucket != n:  # padded rows: token 0 at position 0; the attention op skips them
             pad = bucket - n
             input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
             positions = torch.cat([positions, positions.new_zeros(pad)])

@@ -72,7 +72,7 @@ class ModelRunner:
         # Collectives inside a graph are not wired up: TP groups run eager.
         self.decoder = None
         if not enforce_eager and self.tp.world_size == 1:
-            self.decoder = CompiledDecoder(self.model, self.device, compile_buckets)
+            self.decoder = CompiledDecoder(self.model, compile_buckets)
             self.warm_up()
 
     def warm_up(self) -> dict[int, float]:
