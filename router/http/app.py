@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from importlib.metadata import PackageNotFoundError, version
 
 from starlette.applications import Starlette
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from router.chat_template import ChatTemplate, ChatTemplateError
+from router.chat_template import ChatTemplateError
 from router.http import sse
 from router.http.auth import ApiKeyCheck
 from router.http.errors import APIError, invalid
@@ -95,19 +96,23 @@ async def _complete(request: Request, chat: bool) -> Response:
     check_model(req.model, name)
     if chat:
         ids = chat_prompt_ids(gateway, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
-        req = dataclasses.replace(req, prompts=(Prompt(token_ids=ids),),
-                                  max_tokens=req.max_tokens or gateway.max_new_tokens(len(ids)))
+        max_tokens = gateway.max_new_tokens(len(ids)) if req.max_tokens is None else req.max_tokens
+        req = dataclasses.replace(req, prompts=(Prompt(token_ids=ids),), max_tokens=max_tokens)
     max_len = gateway.max_model_len() or 1
     client = gateway.open(req.num_choices)
     try:
-        index = 0
-        for prompt in req.prompts:
-            for sample in range(req.n):
-                gateway.submit(client, index, prompt, sampling_params(req, sample, max_len),
-                               want_logprobs=req.logprobs, stream=req.stream)
-                if client.failure is not None:
-                    raise client.failure
-                index += 1
+        for lead, prompt in zip(range(0, req.num_choices, req.n), req.prompts):
+            # The prompt's other samples follow its first token: they then find its KV blocks
+            # in the prefill worker's prefix cache instead of computing them again. The lead
+            # streams internally so that its first token is seen.
+            gateway.submit(client, lead, prompt, sampling_params(req, 0, max_len),
+                           want_logprobs=req.logprobs, stream=req.stream or req.n > 1)
+            if client.failure is not None:
+                raise client.failure
+            for sample in range(1, req.n):
+                client.after_first_token(lead, functools.partial(
+                    gateway.submit, client, lead + sample, prompt, sampling_params(req, sample, max_len),
+                    want_logprobs=req.logprobs, stream=req.stream))
     except BaseException:
         gateway.release(client)
         raise
@@ -260,21 +265,26 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _error_response(APIError(500, f"internal error: {type(exc).__name__}"))
 
 
-class _Guard:
-    """Checks the API key before any route runs (ASGI middleware: no per-chunk cost)."""
+class _Front:
+    """The outermost ASGI layer: checks the API key before any route runs, and keeps the
+    server's own ``send`` in the scope (``sse.RAW_SEND``) so streams skip the per-message send
+    wrappers of Starlette's middleware (SSEResponse never lets an error escape once started,
+    which is all those wrappers watch for)."""
 
     def __init__(self, app, check: ApiKeyCheck):
         self.app = app
         self.check = check
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.check.enabled:
-            header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
-            try:
-                self.check.check(scope["path"], header)
-            except APIError as exc:
-                await _error_response(exc)(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            scope[sse.RAW_SEND] = send
+            if self.check.enabled:
+                header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+                try:
+                    self.check.check(scope["path"], header)
+                except APIError as exc:
+                    await _error_response(exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -293,4 +303,4 @@ def build_app(gateway) -> Starlette:
     app = Starlette(routes=routes, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.gateway = gateway
-    return _Guard(app, ApiKeyCheck(gateway.config.api_key))
+    return _Front(app, ApiKeyCheck(gateway.config.api_key))

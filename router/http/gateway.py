@@ -16,6 +16,7 @@ import os
 import socket
 import time
 from collections import deque
+from typing import Callable
 
 import uvicorn
 
@@ -45,6 +46,20 @@ class HttpClient:
         self.gone = False  # the HTTP client disconnected
         self._loop = asyncio.get_running_loop()
         self._waiter: asyncio.Future | None = None
+        # lead choice index -> submissions of the prompt's other samples, made once the lead's
+        # first token shows its prompt is in the prefill worker's prefix cache
+        self._followers: dict[int, list[Callable[[], None]]] = {}
+
+    def after_first_token(self, lead: int, submit: Callable[[], None]) -> None:
+        """Call ``submit()`` once choice ``lead`` has produced its first token (unless the
+        request failed or its client left by then)."""
+        self._followers.setdefault(lead, []).append(submit)
+
+    def _submit_followers(self, lead: int) -> None:
+        for submit in self._followers.pop(lead, ()):
+            if self.done:
+                return
+            submit()
 
     @property
     def done(self) -> bool:
@@ -57,6 +72,9 @@ class HttpClient:
 
     def chunk(self, req, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
         choice = self.choices[int(req.client_rid)]
+        if self._followers and choice.index in self._followers:
+            # Not from inside the scheduler's own call: submit on the next loop turn.
+            self._loop.call_soon(self._submit_followers, choice.index)
         logprobs = None
         if req.logprobs is not None:
             logprobs = req.logprobs[len(req.logprobs) - len(token_ids):] if token_ids else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 DONE = b"data: [DONE]\n\n"
 
@@ -32,7 +33,9 @@ class SSEResponse:
 
     Lighter than Starlette's StreamingResponse (no task group per request, no thread pool):
     a watcher task reads ``receive`` and calls ``on_disconnect`` when the client goes away,
-    which must make ``body`` end; ``on_close`` runs however the response ends.
+    which must make ``body`` end; ``on_close`` runs however the response ends. It sends with
+    the server's own ``send`` when the scope carries it (``RAW_SEND``); an error inside
+    ``body`` ends the stream with an error event, never a second response.
     """
 
     def __init__(self, body, on_disconnect, on_close):
@@ -41,11 +44,19 @@ class SSEResponse:
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
+        send = scope.get(RAW_SEND, send)
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(receive, self.on_disconnect))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
-            async for data in self.body:
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            try:
+                async for data in self.body:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+            except Exception as exc:  # the stream has started: report in it, then end it
+                log.exception("error while streaming")
+                error = {"message": f"internal error: {type(exc).__name__}", "type": "InternalServerError",
+                         "param": None, "code": 500}
+                await send({"type": "http.response.body", "body": event({"error": error}) + DONE,
+                            "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
@@ -53,3 +64,5 @@ class SSEResponse:
 
 
 HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
+RAW_SEND = "pdserve.raw_send"  # scope key: the server's own send (router/http/app.py)
+log = logging.getLogger("pdserve.http")

@@ -66,6 +66,8 @@ def test_bad_json_and_wrong_types(bare):
                         ({"prompt": "x", "echo": True}, "echo")):
         assert field in error_of(bare.post("/v1/completions", json=body), 400)["message"]
     assert "messages" in error_of(bare.post("/v1/chat/completions", json={"messages": "hi"}), 400)["message"]
+    assert "max_tokens" in error_of(bare.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}),
+                                    400)["message"]
     assert "chat template" in error_of(bare.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "hi"}]}), 400)["message"]
 

@@ -98,3 +98,20 @@ def test_dashboard_queries_only_exported_metrics(http_cluster):
                for name in re.findall(r"pdserve:\w+", target["expr"])}
     exported = {name for name, _ in scrape(http_cluster.http_url)}
     assert queried and queried <= exported, queried - exported
+
+
+def test_samples_of_one_prompt_reuse_its_prefix(http_cluster):
+    """n=3: the second and third samples start after the first's prefill, from its cached blocks."""
+    from tests.router.http.conftest import BLOCK_SIZE
+
+    url = http_cluster.http_url
+    prompt = list(range(90, 90 + 2 * BLOCK_SIZE + 8))
+    before = scrape(url)
+    response = httpx.post(url + "/v1/completions", json={
+        "prompt": prompt, "n": 3, "max_tokens": 3, "temperature": 1.0, "seed": 3, "ignore_eos": True},
+        timeout=60).json()
+    after = scrape(url)
+    assert sorted(c["index"] for c in response["choices"]) == [0, 1, 2]
+    assert response["usage"]["completion_tokens"] == 9 and response["usage"]["prompt_tokens"] == len(prompt)
+    assert delta(before, after, "pdserve:prefix_cache_queries_total") == 3 * len(prompt)
+    assert delta(before, after, "pdserve:prefix_cache_hits_total") == 2 * 2 * BLOCK_SIZE
