@@ -2,6 +2,7 @@
 
     python -m bench.engine --json engine.json [--quick] [--device cpu|cuda]
         [--models demo,llama-0.37b-random,smollm2-135m-instruct] [--threads N] [--enforce-eager]
+        [--new-tokens N]
 
 Both engines run the same checkpoints, the same random 128-token prompts and greedy decoding of
 the same number of new tokens (``min_new_tokens`` pins transformers' length), at batch 1, 8 and
@@ -249,12 +250,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=threads_per_rank(1),
                         help="torch threads (default: what the launcher gives one worker here)")
     parser.add_argument("--enforce-eager", action="store_true", help="pdserve without compiling")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens generated per sequence (default: 128; 16 with --quick)")
     args = parser.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     if not names or any(m not in MODELS for m in names):
         parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.new_tokens is not None and args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (one prefill token, then decode)")
     torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device)
@@ -265,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
 
-    new_tokens = 16 if args.quick else 128
+    new_tokens = args.new_tokens or (16 if args.quick else 128)
     batches = [1, 8, 32]
     dtypes = ["float32"] + (["bfloat16"] if has_fast_bf16(device) else [])
     load_before = os.getloadavg()[0]

@@ -5,9 +5,8 @@ callback) as inputs without recompiling whenever it changes. So the model's laye
 opaque custom op, ``pdserve::paged_attention(q, k, v, k_cache, v_cache, handle)``: the graph
 sees fixed shapes only (every layer the same ones, so one graph serves all layers), and the
 op finds the step's metadata through ``handle``, the id of a ``StepAttention`` that its
-runner registered. The runner sets the step's metadata before
-each forward and clears it after; the same object serves eager and compiled forwards, so
-there is one model code path.
+runner registered. The runner sets the step's metadata before each forward and clears it
+after; the same object serves eager and compiled forwards, so there is one model code path.
 
 Padded rows (a decode batch padded to a compiled bucket) sit after the real rows: their K/V
 is never written (the slot mapping covers real rows only) and their output is zero.
