@@ -255,8 +255,9 @@ def plot(report: dict, path: Path) -> None:
                       [f"concurrency {c}" for c in CONCURRENCIES])
         ax.set_title(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {report['workload']['dtype']}, 256 in / 64 out, "
-                 "closed loop")
+    w = report["workload"]
+    fig.suptitle(f"SmolLM2-135M-Instruct (vLLM --dtype {w['dtype']}, pdserve --dtype "
+                 f"{w['pdserve_dtype']}), {w['input_len']} in / {w['output_len']} out, closed loop")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -285,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-timeout", type=float, default=900.0)
     args = parser.parse_args(argv)
     args.pdserve_dtype = args.pdserve_dtype or args.dtype
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'pdserve[plot]'")
     layouts = [x for x in args.layouts.split(",") if x]
     if any(x not in ("colocated", "disagg") for x in layouts):
         parser.error(f"--layouts takes colocated and/or disagg, got {args.layouts!r}")
