@@ -128,7 +128,7 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     engine = {name: getattr(args, name) for name in (
         "model", "tp", "dtype", "device", "max_model_len", "block_size", "num_kv_blocks", "kv_memory",
-        "kv_transport", "max_num_seqs", "max_num_batched_tokens")}
+        "kv_transport", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")}
     router_options = {"stuck_timeout_s": args.stuck_timeout, "heartbeat_timeout_s": args.heartbeat_timeout}
     if args.launcher == "ray":  # Ray restarts the workers: no local supervisor
         cluster = ray_cluster(args, engine, http_config_from_args(args), router_options)

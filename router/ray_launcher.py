@@ -209,7 +209,8 @@ class RayCluster:
                  tp: int = 1, kv_transport: str = "auto", dtype: str = "auto", device: str = "cpu",
                  max_model_len: int | None = None, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_memory: int | None = None, max_num_seqs: int | None = None,
-                 max_num_batched_tokens: int | None = None, listen: str | None = None,
+                 max_num_batched_tokens: int | None = None, enforce_eager: bool | None = None,
+                 listen: str | None = None,
                  backend: str | None = None, curve_dir: str | None = None, ray: RayOptions | None = None,
                  router_options: dict | None = None, startup_timeout_s: float = 300.0,
                  worker_args: tuple[str, ...] = (), env: dict | None = None, http=None):
@@ -221,7 +222,8 @@ class RayCluster:
                        "max_model_len": max_model_len, "block_size": block_size,
                        "num_kv_blocks": num_kv_blocks, "kv_memory": kv_memory,
                        "kv_transport": kv_transport, "max_num_seqs": max_num_seqs,
-                       "max_num_batched_tokens": max_num_batched_tokens, "kv_host": self.ray.kv_host}
+                       "max_num_batched_tokens": max_num_batched_tokens, "kv_host": self.ray.kv_host,
+                       "enforce_eager": enforce_eager}
         self.counts = {"prefill": num_prefill, "decode": num_decode}
         self.listen, self.backend, self.curve_dir = listen, backend, curve_dir
         for endpoint, what in ((listen, "--listen"), (backend, "--backend")):
@@ -313,7 +315,9 @@ class RayCluster:
         pg = placement_group([bundle] * tp, strategy="STRICT_PACK", name=f"pdserve-{worker_id}-{uuid.uuid4().hex[:8]}")
         argv = ["--role", role, "--router", self.backend, "--worker-id", worker_id]
         for name, value in self.engine.items():
-            if value is not None:
+            if isinstance(value, bool):  # a flag
+                argv += [f"--{name.replace('_', '-')}"] if value else []
+            elif value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
         env = {THREADS_ENV: str(max(1, int(self.ray.cpus_per_rank))), **self.env}
         resources = {"num_cpus": cpus, "num_gpus": gpus}
