@@ -33,7 +33,7 @@ def workload(tiny_model):
     return prompts, greedy_reference(tiny_model, prompts, MAX_TOKENS, stop_ids=())
 
 
-async def _streams(endpoint, prompts, during=None, after_tokens=NUM_STREAMS):
+async def _streams(endpoint, prompts, during=None, after_tokens=NUM_STREAMS, max_tokens=MAX_TOKENS):
     """Stream every prompt greedily; once ``after_tokens`` tokens arrived, run ``during()`` (in a
     thread) while the streams go on. Returns each stream's tokens."""
     received = 0
@@ -43,7 +43,7 @@ async def _streams(endpoint, prompts, during=None, after_tokens=NUM_STREAMS):
     async def one(client, prompt):
         nonlocal received
         tokens = []
-        async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=MAX_TOKENS,
+        async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
                                            ignore_eos=True, temperature=0):
             tokens += chunk.token_ids
             received += len(chunk.token_ids)
@@ -59,8 +59,11 @@ async def _streams(endpoint, prompts, during=None, after_tokens=NUM_STREAMS):
     return results
 
 
-def streams(cluster, prompts, during=None, after_tokens=NUM_STREAMS):
-    return asyncio.run(_streams(cluster.endpoint, prompts, during, after_tokens))
+def streams(cluster, prompts, during=None, after_tokens=NUM_STREAMS, max_tokens=MAX_TOKENS):
+    return asyncio.run(_streams(cluster.endpoint, prompts, during, after_tokens, max_tokens))
+
+
+LONG_TOKENS = 600  # a node's death takes a moment to take effect: streams long enough to outlast it
 
 
 def status(cluster) -> dict:
@@ -123,13 +126,18 @@ def test_killed_node_fails_over_and_ray_restarts_its_worker(pd_cluster, ray_node
     def kill_node():
         ray_nodes.remove_node(node, allow_graceful=False)
 
-    failovers = status(pd_cluster)["router"]["failovers"]
-    outputs = streams(pd_cluster, prompts, during=kill_node)
-    assert outputs == reference
-    settled(pd_cluster)
-    assert status(pd_cluster)["router"]["failovers"] > failovers
-    assert pd_cluster.node_of("decode-0") != victim_node
-    ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)  # the spare, again
+    try:
+        # Longer than the transformers reference: compared with an undisturbed run instead.
+        undisturbed = streams(pd_cluster, prompts, max_tokens=LONG_TOKENS)
+        assert [out[:MAX_TOKENS] for out in undisturbed] == reference
+        failovers = status(pd_cluster)["router"]["failovers"]
+        outputs = streams(pd_cluster, prompts, during=kill_node, max_tokens=LONG_TOKENS)
+        assert outputs == undisturbed
+        settled(pd_cluster)
+        assert status(pd_cluster)["router"]["failovers"] > failovers
+        assert pd_cluster.node_of("decode-0") != victim_node
+    finally:
+        ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)  # the spare, again
 
 
 def test_scale_up_and_drain_down_while_serving(pd_cluster, ray_nodes, workload):
