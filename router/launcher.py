@@ -122,6 +122,10 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         """Start the router and every worker; return once all have registered.
         Raises ValueError (bad options) or ClusterError (a process failed to start)."""
+        from models.registry import resolve_model
+
+        # Fetch and convert once, here, rather than in every worker at the same time.
+        self.engine["model"] = str(resolve_model(self.engine["model"]))
         self.run_dir = Path(tempfile.mkdtemp(prefix="pdserve-"))
         try:
             self.endpoint = self.listen or f"ipc://{self.run_dir}/client.ipc"

@@ -1,4 +1,5 @@
-"""What the router knows about the served model: limits for validation and the tokenizer.
+"""What the router knows about the served model: limits for validation, the tokenizer and
+the chat template.
 
 It comes from the router's ``--model`` directory, or else from the first worker that registers
 (its Register info, and its model directory if this host can read it). torch-free.
@@ -10,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from models.tokenizer import NoTokenizer, Tokenizer
+from router.chat_template import ChatTemplate, ChatTemplateError
 
 log = logging.getLogger("pdserve.router")
 
@@ -24,6 +26,13 @@ def load_tokenizer(model_dir: str | None) -> Tokenizer | None:
         return None
 
 
+def load_chat_template(model_dir: str | None) -> ChatTemplate | None:
+    """The model's chat template, or None if it has none. Raises ChatTemplateError."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    return ChatTemplate.from_model_dir(model_dir)
+
+
 @dataclass
 class ModelInfo:
     """Limits the router validates requests against."""
@@ -34,6 +43,7 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     tokenizer: Tokenizer | None
+    chat_template: ChatTemplate | None = None
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelInfo":
@@ -46,7 +56,7 @@ class ModelInfo:
         return cls(name=os.path.basename(os.path.normpath(model_dir)),
                    fingerprint=model_fingerprint(model_dir), vocab_size=config.vocab_size,
                    max_model_len=config.max_position_embeddings, eos_token_ids=tuple(eos),
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, chat_template=load_chat_template(model_dir))
 
     @classmethod
     def from_worker(cls, info: dict) -> "ModelInfo":
@@ -55,6 +65,13 @@ class ModelInfo:
         if tokenizer is None and info.get("model_dir"):
             log.info("no tokenizer readable at %s: the router accepts token-id prompts only",
                      info["model_dir"])
+        try:
+            template = load_chat_template(info.get("model_dir")) if tokenizer else None
+        except ChatTemplateError as exc:
+            log.warning("the chat template at %s is unusable, chat requests will be refused: %s",
+                        info.get("model_dir"), exc)
+            template = None
         return cls(name=str(info.get("model") or "model"), fingerprint=info["fingerprint"],
                    vocab_size=info["vocab_size"], max_model_len=info["max_model_len"],
-                   eos_token_ids=tuple(info.get("eos_token_ids") or ()), tokenizer=tokenizer)
+                   eos_token_ids=tuple(info.get("eos_token_ids") or ()), tokenizer=tokenizer,
+                   chat_template=template)

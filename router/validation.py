@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from router import protocol as P
+from router.chat_template import ChatTemplateError
 from router.model_info import ModelInfo
 
 DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
@@ -22,6 +23,7 @@ MAX_RID_CHARS = 256
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_CHARS_PER_TOKEN = 64
 MAX_TIMEOUT_S = 24 * 3600.0
+MAX_MESSAGES = 4096
 
 
 class InvalidRequest(ValueError):
@@ -79,25 +81,15 @@ def _too_long(num_tokens: int, max_model_len: int) -> InvalidRequest:
 
 
 def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[int]:
-    if (msg.prompt is None) == (msg.prompt_token_ids is None):
-        raise InvalidRequest("give exactly one of prompt (text) and prompt_token_ids")
+    given = sum(x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.messages))
+    if given != 1:
+        raise InvalidRequest("give exactly one of prompt (text), prompt_token_ids and messages (chat)")
+    if msg.messages is not None:
+        return _text_ids(render_chat(msg.messages, model), model, max_model_len, chat=True)
     if msg.prompt is not None:
         if not msg.prompt:
             raise InvalidRequest("the prompt is empty; send at least one character")
-        # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
-        max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
-        if len(msg.prompt) > max_chars:
-            raise InvalidRequest(f"the prompt has {len(msg.prompt)} characters, far more than the "
-                                 f"max model length of {max_model_len} tokens; shorten the prompt")
-        if model.tokenizer is None:
-            raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
-                                 "instead of text")
-        ids = model.tokenizer.encode(msg.prompt)
-        if not ids:
-            raise InvalidRequest("the prompt encodes to no tokens; send some text")
-        if len(ids) >= max_model_len:
-            raise _too_long(len(ids), max_model_len)
-        return ids
+        return _text_ids(msg.prompt, model, max_model_len, chat=False)
     ids = msg.prompt_token_ids
     if not ids:
         raise InvalidRequest("prompt_token_ids is empty; send at least one token id")
@@ -109,6 +101,38 @@ def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[i
             raise InvalidRequest(f"prompt_token_ids[{i}] = {tok!r} is not a token id of this model "
                                  f"(integers in [0, {vocab}))")
     return list(ids)
+
+
+def render_chat(messages: list, model: ModelInfo) -> str:
+    """The prompt text of a chat, rendered with the model's chat template."""
+    if model.chat_template is None:
+        raise InvalidRequest(f"model {model.name} has no chat template; send a prompt (text) or "
+                             "prompt_token_ids instead of messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"a chat may hold at most {MAX_MESSAGES} messages, got {len(messages)}")
+    try:
+        return model.chat_template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise InvalidRequest(f"cannot render the chat: {exc}") from None
+
+
+def _text_ids(text: str, model: ModelInfo, max_model_len: int, chat: bool) -> list[int]:
+    # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
+    max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
+    what = "the chat" if chat else "the prompt"
+    if len(text) > max_chars:
+        raise InvalidRequest(f"{what} has {len(text)} characters, far more than the max model "
+                             f"length of {max_model_len} tokens; shorten {what}")
+    if model.tokenizer is None:
+        raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
+                             "instead of text")
+    # A rendered chat already holds its special tokens (as in apply_chat_template).
+    ids = model.tokenizer.encode(text, add_special_tokens=not chat)
+    if not ids:
+        raise InvalidRequest(f"{what} encodes to no tokens; send some text")
+    if len(ids) >= max_model_len:
+        raise _too_long(len(ids), max_model_len)
+    return ids
 
 
 def _params(raw, model: ModelInfo) -> dict:
