@@ -1,6 +1,6 @@
 """Chaos benchmark: streaming load while workers are SIGKILLed and restarted at random.
 
-    python bench/chaos.py --json chaos.json [--duration 60] [--prefill 2 --decode 2]
+    python -m bench.chaos --json chaos.json [--duration 60] [--prefill 2 --decode 2]
 
 1. Starts a local cluster (the demo model unless ``--model``).
 2. Runs the workload once undisturbed: those outputs are the reference (half the requests are
@@ -21,17 +21,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
-    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from router.client import AsyncClient, Client, ClientTimeout, ServerError
 from router.launcher import LocalCluster
@@ -134,7 +129,8 @@ def settle_and_count_leaks(endpoint: str, num_workers: int, timeout_s: float) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the result here")
-    parser.add_argument("--model", help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--model", default="demo",
+                        help="anything `pdserve serve --model` takes (default: demo)")
     parser.add_argument("--mode", choices=("disagg", "colocated"), default="disagg")
     parser.add_argument("--prefill", type=int, default=2)
     parser.add_argument("--decode", type=int, default=2)

@@ -1,6 +1,6 @@
 """Engine benchmark: pdserve's ModelRunner against transformers ``generate`` on one machine.
 
-    python bench/engine.py --json engine.json [--quick] [--device cpu|cuda]
+    python -m bench.engine --json engine.json [--quick] [--device cpu|cuda]
 
 Both engines run the same checkpoints, the same random 128-token prompts and greedy decoding of
 the same number of new tokens (``min_new_tokens`` pins transformers' length), at batch 1, 8 and
@@ -30,13 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
-    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 from kvtransfer.allocator import BlockAllocator
 from models.batch import SequenceChunk

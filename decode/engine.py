@@ -10,35 +10,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from decode.scheduler import DecodeScheduler, StepItem
+from decode.scheduler import DecodeScheduler
 from decode.sequence import DecodeSequence
 from kvtransfer.allocator import BlockAllocator, NoFreeBlocks
 from models.batch import SampleResult, SequenceChunk
+from models.request_options import RequestOptions
 from models.runner import ModelRunner
-from models.sampler import SamplingParams
 from prefill.scheduler import PrefillRequest, PrefillScheduler, ScheduledChunk
+from router.payloads import TokenItem
+from worker.step_plan import PlanChunk, StepPlan
 
 
-def chunk_to_wire(chunk: SequenceChunk) -> list:
-    sampling = chunk.sampling.to_dict() if chunk.sampling is not None else None
-    return [chunk.token_ids, chunk.num_cached, chunk.block_table, sampling, chunk.output_index]
-
-
-def chunk_from_wire(data: list) -> SequenceChunk:
-    token_ids, num_cached, block_table, sampling, output_index = data
-    return SequenceChunk(token_ids, num_cached, block_table,
-                         SamplingParams.from_dict(sampling) if sampling is not None else None,
-                         output_index)
-
-
-def run_step_plan(runner: ModelRunner, plan: dict) -> list[SampleResult | None]:
+def run_step_plan(runner: ModelRunner, plan: StepPlan) -> list[SampleResult | None]:
     """Every rank: run the plan's chunks through the model (rank 0's results count)."""
-    return runner.step([chunk_from_wire(c) for c in plan["chunks"]])
+    return runner.step(plan.sequence_chunks())
 
 
 @dataclass
 class StepOutput:
-    items: list[StepItem] = field(default_factory=list)           # -> Tokens
+    items: list[TokenItem] = field(default_factory=list)          # -> Tokens
     # -> FirstToken: (rid, transfer_id, result, finish_reason)
     first_tokens: list[tuple[str, str, SampleResult, str | None]] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)             # rids whose blocks were freed
@@ -51,20 +41,20 @@ class DecodeEngine:
         self.colocated = colocated
         self.allocator = BlockAllocator(runner.num_blocks, runner.block_size,
                                         enable_prefix_cache=colocated)
-        self.decode = DecodeScheduler(self.allocator, max_model_len=runner.max_model_len,
+        self.decode_scheduler = DecodeScheduler(self.allocator, max_model_len=runner.max_model_len,
                                       eos_token_ids=runner.config.eos_token_ids,
                                       max_num_seqs=max_num_seqs)
-        self.prefill = PrefillScheduler(self.allocator, max_num_batched_tokens=max_num_batched_tokens,
+        self.prefill_scheduler = PrefillScheduler(self.allocator, max_num_batched_tokens=max_num_batched_tokens,
                                         max_num_seqs=max_num_seqs) if colocated else None
         self._in_flight: set[str] = set()
         self._deferred: list[list[int]] = []
         self._plan_state: tuple[list[DecodeSequence], list[ScheduledChunk]] | None = None
 
     # -- reservations (event-loop thread) ----------------------------------------------
-    def reserve(self, rid: str, transfer_id: str, token_ids: list[int], options: dict,
+    def reserve(self, rid: str, transfer_id: str, token_ids: list[int], options: RequestOptions,
                 output_index: int) -> DecodeSequence:
         """Reserve blocks for a request's whole life. Raises NoFreeBlocks or ValueError."""
-        num_blocks = self.decode.num_blocks_needed(len(token_ids), options, output_index)
+        num_blocks = self.decode_scheduler.num_blocks_needed(len(token_ids), options, output_index)
         hit: list[int] = []
         if self.colocated:
             hit = self.allocator.match_prefix(token_ids[:len(token_ids) - 1])
@@ -73,7 +63,7 @@ class DecodeEngine:
             raise NoFreeBlocks(f"needs {num_blocks} blocks, {self.allocator.num_free_blocks} free")
         block_ids = hit + self.allocator.allocate(num_blocks - len(hit))
         try:
-            seq = self.decode.make_sequence(rid, transfer_id, token_ids, options, output_index, block_ids)
+            seq = self.decode_scheduler.make_sequence(rid, transfer_id, token_ids, options, output_index, block_ids)
         except ValueError:
             self.allocator.free(block_ids)
             raise
@@ -82,32 +72,32 @@ class DecodeEngine:
 
     def prefill_local(self, rid: str, transfer_id: str) -> None:
         """Colocated: compute the reserved sequence's prompt KV into its own blocks."""
-        seq = self.decode.by_rid.get(rid)
-        if seq is None or seq.transfer_id != transfer_id or self.prefill is None:
+        seq = self.decode_scheduler.by_rid.get(rid)
+        if seq is None or seq.transfer_id != transfer_id or self.prefill_scheduler is None:
             raise ValueError(f"no reservation {transfer_id} for request {rid} on this worker")
         num_hit = seq.num_prefix_hit
         request = PrefillRequest(rid=rid, transfer_id=transfer_id, token_ids=seq.token_ids[:],
                                  sampling=seq.sampling, dest={"transport": "local"},
                                  output_index=seq.output_index, block_ids=seq.block_ids,
                                  num_computed=num_hit, num_prefix_hit=num_hit)
-        self.prefill.add(request)
+        self.prefill_scheduler.add(request)
 
     def kv_arrived(self, transfer_id: str, rid: str, first_token: int) -> str | None:
         """Disaggregated: the sequence's KV landed; returns a finish reason if already done."""
-        seq = self.decode.by_rid.get(rid)
+        seq = self.decode_scheduler.by_rid.get(rid)
         if seq is None or seq.transfer_id != transfer_id or seq.started:
             return None
-        reason = self.decode.start(seq, first_token)
+        reason = self.decode_scheduler.start(seq, first_token)
         if reason is not None:
             self.free(rid)
         return reason
 
     def free(self, rid: str) -> bool:
         """Forget a request (finish or abort) and release its blocks once no step uses them."""
-        seq = self.decode.remove(rid)
-        if self.prefill is not None:
-            self.prefill.abort(rid)
-            self.prefill.by_rid.pop(rid, None)
+        seq = self.decode_scheduler.remove(rid)
+        if self.prefill_scheduler is not None:
+            self.prefill_scheduler.abort(rid)
+            self.prefill_scheduler.by_rid.pop(rid, None)
         if seq is None:
             return False
         if rid in self._in_flight:
@@ -119,18 +109,18 @@ class DecodeEngine:
 
     # -- steps -------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return bool(self.decode.running) or (self.prefill is not None and self.prefill.has_work())
+        return bool(self.decode_scheduler.running) or (self.prefill_scheduler is not None and self.prefill_scheduler.has_work())
 
-    def build_plan(self) -> dict | None:
-        seqs, chunks = self.decode.schedule()
+    def build_plan(self) -> StepPlan | None:
+        seqs, chunks = self.decode_scheduler.schedule()
         prefill_chunks: list[ScheduledChunk] = []
-        if self.prefill is not None and self.prefill.has_work():
-            budget = self.prefill.max_num_batched_tokens
-            self.prefill.max_num_batched_tokens = max(budget - len(chunks), self.allocator.block_size)
+        if self.prefill_scheduler is not None and self.prefill_scheduler.has_work():
+            budget = self.prefill_scheduler.max_num_batched_tokens
+            self.prefill_scheduler.max_num_batched_tokens = max(budget - len(chunks), self.allocator.block_size)
             try:
-                prefill_chunks = self.prefill.schedule()
+                prefill_chunks = self.prefill_scheduler.schedule()
             finally:
-                self.prefill.max_num_batched_tokens = budget
+                self.prefill_scheduler.max_num_batched_tokens = budget
             for pc in prefill_chunks:
                 r = pc.request
                 chunks.append(SequenceChunk(r.token_ids[pc.start:pc.end], pc.start, r.block_ids,
@@ -139,9 +129,9 @@ class DecodeEngine:
             return None
         self._plan_state = (seqs, prefill_chunks)
         self._in_flight = {s.rid for s in seqs} | {pc.request.rid for pc in prefill_chunks}
-        return {"op": "step", "chunks": [chunk_to_wire(c) for c in chunks]}
+        return StepPlan(tuple(PlanChunk.of(c) for c in chunks))
 
-    def execute_plan(self, plan: dict) -> list[SampleResult | None]:
+    def execute_plan(self, plan: StepPlan) -> list[SampleResult | None]:
         return run_step_plan(self.runner, plan)
 
     def apply(self, results: list[SampleResult | None]) -> StepOutput:
@@ -149,15 +139,15 @@ class DecodeEngine:
         self._plan_state = None
         out = StepOutput()
         finished_first: list[str] = []
-        out.items = self.decode.update(seqs, results[:len(seqs)])
+        out.items = self.decode_scheduler.update(seqs, results[:len(seqs)])
         for pc, result in zip(prefill_chunks, results[len(seqs):]):
             rid = pc.request.rid
-            if self.prefill.by_rid.get(rid) is not pc.request:
+            if self.prefill_scheduler.by_rid.get(rid) is not pc.request:
                 continue  # freed while its chunk ran
-            self.prefill.complete(pc)
+            self.prefill_scheduler.complete(pc)
             if pc.is_last:
-                self.prefill.by_rid.pop(rid, None)  # blocks belong to the decode sequence
-                reason = self.decode.start(self.decode.by_rid[rid], result.token_id)
+                self.prefill_scheduler.by_rid.pop(rid, None)  # blocks belong to the decode sequence
+                reason = self.decode_scheduler.start(self.decode_scheduler.by_rid[rid], result.token_id)
                 out.first_tokens.append((rid, pc.request.transfer_id, result, reason))
                 if reason is not None:
                     finished_first.append(rid)
@@ -175,7 +165,7 @@ class DecodeEngine:
         return {
             "num_blocks": self.allocator.num_blocks,
             "free_blocks": self.allocator.num_free_blocks,
-            "running": self.decode.num_running,
-            "reserved": len(self.decode.by_rid) - self.decode.num_running,
-            "waiting_prefill_tokens": self.prefill.num_waiting_tokens if self.prefill else 0,
+            "running": self.decode_scheduler.num_running,
+            "reserved": len(self.decode_scheduler.by_rid) - self.decode_scheduler.num_running,
+            "waiting_tokens": self.prefill_scheduler.num_waiting_tokens if self.prefill_scheduler else 0,
         }

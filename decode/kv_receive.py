@@ -35,10 +35,3 @@ def make_receiver(opts, runner, ctx) -> KVReceiver:
     return KVReceiver(runner.pool, endpoint=_endpoint(opts, f"kv{ctx.rank}"),
                       coordinator=coordinator_endpoint(opts), rank=ctx.rank,
                       tp_size=ctx.world_size, nixl=wants_nixl(opts))
-
-
-def restrict(capabilities: dict, kv_transport: str) -> dict:
-    """Advertise only the transport the operator asked for (``auto``: everything)."""
-    if kv_transport == "auto":
-        return capabilities
-    return {**capabilities, "transports": [t for t in capabilities["transports"] if t == kv_transport]}

@@ -6,23 +6,13 @@ per step, and leave as soon as a stop rule fires or the router frees them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from decode.sequence import DecodeSequence, parse_request_options
+from decode.sequence import DecodeSequence
 from kvtransfer.allocator import BlockAllocator
+from kvtransfer.spec import reservation_blocks
 from models.batch import SampleResult, SequenceChunk
-
-
-@dataclass(frozen=True)
-class StepItem:
-    """One sequence's output of a step, as the router's ``Tokens`` item."""
-    rid: str
-    token_id: int
-    logprob: float
-    finish_reason: str | None
-
-    def to_wire(self) -> list:
-        return [self.rid, self.token_id, self.logprob, self.finish_reason]
+from models.request_options import RequestOptions, StopRules
+from models.sampler import SamplingParams
+from router.payloads import TokenItem
 
 
 class DecodeScheduler:
@@ -37,16 +27,12 @@ class DecodeScheduler:
         self.running: list[DecodeSequence] = []   # in join order
 
     # -- reservation ---------------------------------------------------------------------
-    def num_blocks_needed(self, num_context: int, options: dict, output_index: int) -> int:
-        """Blocks for the whole life of a sequence: context plus every token still to come.
+    def num_blocks_needed(self, num_context: int, options: RequestOptions, output_index: int) -> int:
+        """Blocks for the whole life of a sequence (``kvtransfer.spec.reservation_blocks``)."""
+        return reservation_blocks(num_context, options.max_tokens, output_index, self.max_model_len,
+                                  self.block_size)
 
-        The last token's K/V is never computed, so ``num_context + remaining - 1`` tokens.
-        """
-        remaining = max(1, options.get("max_tokens", 16) - output_index)
-        final_len = min(num_context + remaining, self.max_model_len)
-        return -(-max(final_len - 1, num_context) // self.block_size)
-
-    def make_sequence(self, rid: str, transfer_id: str, token_ids: list[int], options: dict,
+    def make_sequence(self, rid: str, transfer_id: str, token_ids: list[int], options: RequestOptions,
                       output_index: int, block_ids: list[int]) -> DecodeSequence:
         """Register a sequence whose blocks the caller reserved. Raises ValueError."""
         if rid in self.by_rid:
@@ -54,10 +40,10 @@ class DecodeScheduler:
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"{len(token_ids)} tokens leave no room under max model length "
                              f"{self.max_model_len}")
-        sampling, stop = parse_request_options(options, eos_token_ids=self.eos_token_ids,
-                                               max_model_len=self.max_model_len)
+        stop = StopRules.of(options, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)
         seq = DecodeSequence(rid=rid, transfer_id=transfer_id, token_ids=list(token_ids),
-                             block_ids=block_ids, sampling=sampling, stop=stop,
+                             block_ids=block_ids, sampling=SamplingParams(**options.sampling_fields),
+                             stop=stop,
                              output_index=output_index, num_generated=output_index)
         self.by_rid[rid] = seq
         return seq
@@ -86,7 +72,7 @@ class DecodeScheduler:
         return seqs, chunks
 
     def update(self, seqs: list[DecodeSequence], results: list[SampleResult | None]
-               ) -> list[StepItem]:
+               ) -> list[TokenItem]:
         """Append each sequence's sampled token; finished sequences leave the batch.
 
         A sequence freed while its step ran (abort) is skipped: its token is dropped.
@@ -96,7 +82,7 @@ class DecodeScheduler:
             if result is None or self.by_rid.get(seq.rid) is not seq:
                 continue
             reason = seq.append(result.token_id)
-            items.append(StepItem(seq.rid, result.token_id, result.logprob, reason))
+            items.append(TokenItem(seq.rid, result.token_id, result.logprob, reason))
         if any(item.finish_reason for item in items):
             self.running = [s for s in self.running if s.finish_reason is None]
         return items

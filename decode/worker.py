@@ -13,9 +13,13 @@ from decode.engine import DecodeEngine, run_step_plan
 from kvtransfer.allocator import NoFreeBlocks
 from kvtransfer.transport import TransferDone
 from models.parallel import ParallelContext
-from prefill.tp_group import TPGroup, follow_plans
-from prefill.worker_common import StepWorker, WorkerOptions, build_runner, run_worker, worker_info
+from models.request_options import RequestOptions
 from router import protocol as P
+from worker.options import WorkerOptions
+from worker.process import run_worker
+from worker.runner import build_runner, restrict, worker_info
+from worker.step_loop import StepWorker
+from worker.tp_group import TPGroup, follow_plans
 
 log = logging.getLogger("pdserve.decode")
 
@@ -51,7 +55,7 @@ class DecodeWorker(StepWorker):
                                              tp_size=ctx.world_size)
             self.receiver = make_receiver(opts, runner, ctx)
             self.coordinator.wait_ready()
-        self.step_count = 0
+        self.num_tokens_messages = 0   # Tokens.step: counts the messages, not the model steps
 
     # -- router messages ------------------------------------------------------------------
     def handle(self, msg: P.Message) -> None:
@@ -76,28 +80,29 @@ class DecodeWorker(StepWorker):
     def _allocate(self, msg: P.Allocate) -> None:
         token_ids = list(msg.token_ids)
         try:
+            options = RequestOptions.from_wire(msg.sampling)
             if self.coordinator is None or msg.transport == "local":
                 if self.coordinator is not None:
                     raise ValueError("a decode worker cannot prefill locally; route prefill elsewhere")
-                self.engine.reserve(msg.rid, msg.transfer_id, token_ids, msg.sampling, msg.output_index)
+                self.engine.reserve(msg.rid, msg.transfer_id, token_ids, options, msg.output_index)
                 dest = {"transport": "local", "transfer_id": msg.transfer_id}
             else:
-                dest = self._reserve_remote(msg, token_ids)
+                dest = self._reserve_remote(msg, token_ids, options)
         except (NoFreeBlocks, ValueError) as exc:
             self.link.send(P.Allocated(msg.rid, msg.transfer_id, None, str(exc)))
             return
         self.link.send(P.Allocated(msg.rid, msg.transfer_id, dest))
 
-    def _reserve_remote(self, msg: P.Allocate, token_ids: list[int]) -> dict:
+    def _reserve_remote(self, msg: P.Allocate, token_ids: list[int], options: RequestOptions) -> dict:
         # Blocks for the sequence's whole life; the prefill side writes the prompt's share.
-        num_blocks = self.engine.decode.num_blocks_needed(len(token_ids), msg.sampling, msg.output_index)
+        num_blocks = self.engine.decode_scheduler.num_blocks_needed(len(token_ids), options, msg.output_index)
         dest = self.coordinator.reserve(msg.transfer_id, num_blocks * self.engine.allocator.block_size,
                                         transport=msg.transport or None, writer=msg.writer or None)
         if dest is None:
             raise NoFreeBlocks(f"needs {num_blocks} KV blocks, "
                                f"{self.engine.allocator.num_free_blocks} free")
         try:
-            self.engine.decode.make_sequence(msg.rid, msg.transfer_id, token_ids, msg.sampling,
+            self.engine.decode_scheduler.make_sequence(msg.rid, msg.transfer_id, token_ids, options,
                                              msg.output_index, list(dest["ranks"][0]["block_ids"]))
         except ValueError:
             self.coordinator.abort(msg.transfer_id)
@@ -106,11 +111,11 @@ class DecodeWorker(StepWorker):
         return dest
 
     def _free(self, rid: str, published: bool = True) -> None:
-        seq = self.engine.decode.by_rid.get(rid)
+        seq = self.engine.decode_scheduler.by_rid.get(rid)
         if seq is not None and self.coordinator is not None and not seq.started:
             # KV may still be in flight: the coordinator quarantines the blocks until every
             # writer is done (or dead), then returns them to the allocator itself.
-            self.engine.decode.remove(rid)
+            self.engine.decode_scheduler.remove(rid)
             self._rid_of.pop(seq.transfer_id, None)
             self.coordinator.abort(seq.transfer_id, published=published)
             return
@@ -141,41 +146,39 @@ class DecodeWorker(StepWorker):
                 if reason is None:
                     self.wake.set()
             else:
-                seq = self.engine.decode.remove(rid)
+                seq = self.engine.decode_scheduler.remove(rid)
                 if seq is not None:
                     self.link.send(P.WorkerError(rid, event.transfer_id,
                                                  f"KV transfer failed: {event.reason}"))
 
     def on_router_lost(self) -> None:
         """Abort everything: no one is left to stream the tokens to."""
-        for rid in list(self.engine.decode.by_rid):
+        for rid in list(self.engine.decode_scheduler.by_rid):
             self._free(rid)
 
     def publish(self, out) -> None:
         for rid, transfer_id, result, reason in out.first_tokens:
             self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason))
         if out.items:
-            self.step_count += 1
-            self.link.send(P.Tokens(self.opts.worker_id, self.step_count,
+            self.num_tokens_messages += 1
+            self.link.send(P.Tokens(self.opts.worker_id, self.num_tokens_messages,
                                     [item.to_wire() for item in out.items]))
 
     def info(self) -> dict:
         transports = {}
         if self.coordinator is not None:
-            from decode.kv_receive import restrict
             transports = restrict(self.coordinator.describe()["capabilities"], self.opts.kv_transport)
         return worker_info(self.opts, self.engine.runner, transports)
 
     def background_tasks(self) -> list:
         return [self.kv_events()] if self.coordinator is not None else []
 
-    def stats(self) -> dict:
-        stats = self.engine.stats()
-        if self.coordinator is not None:
-            kv = self.coordinator.stats()
-            stats.update(quarantined_blocks=kv.get("num_quarantined_blocks", 0),
-                         kv_transfers_done=kv.get("transfers_done"), kv_by_transport=kv.get("by_transport"))
-        return stats
+    def kv_stats(self) -> dict:
+        if self.coordinator is None:
+            return {}
+        kv = self.coordinator.stats()
+        return {"quarantined_blocks": kv.get("num_quarantined_blocks", 0),
+                "kv_transfers_done": kv.get("transfers_done"), "kv_by_transport": kv.get("by_transport")}
 
     def close_transport(self) -> None:
         if self.receiver is not None:

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from kvtransfer.allocator import BlockAllocator
 from kvtransfer.reservation import ReservationTable
+from kvtransfer.spec import TRANSPORT_EXTRAS
 from kvtransfer.transport import TransferDone, TransferEvent, TransferFailed
 from kvtransfer.wire import WireError, pack, unpack
 
@@ -119,7 +120,7 @@ class KVCoordinator:
         by_transport = self._counts["by_transport"]
         by_transport[transport] = by_transport.get(transport, 0) + 1
         self._broadcast(pack("open", x=transfer_id, blocks=block_ids, transport=transport, writer=writer))
-        extras = {"shm": ("shm_path", "owners_path"), "nixl": ("nixl_agent",)}.get(transport, ())
+        extras = TRANSPORT_EXTRAS.get(transport, ())
         ranks = [{"endpoint": e["endpoint"], "num_blocks": e["num_blocks"], "block_ids": block_ids,
                   **{k: e[k] for k in extras}} for e in (self._ranks[r] for r in range(self.tp_size))]
         return {"transport": transport, "transfer_id": transfer_id,
@@ -234,7 +235,7 @@ class KVCoordinator:
                             ("boot_id", str), ("shm_id", str)):
             if not isinstance(entry.get(name), types):
                 raise WireError(f"rank {rank}'s registration lacks {name!r}")
-        extras = {"shm": ("shm_path", "owners_path"), "nixl": ("nixl_agent",)}
+        extras = TRANSPORT_EXTRAS
         for transport in entry["transports"]:
             if not all(isinstance(entry.get(name), str) for name in extras.get(transport, ())):
                 raise WireError(f"rank {rank} offers {transport} without {extras[transport]}")

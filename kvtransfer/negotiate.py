@@ -19,7 +19,7 @@ from kvtransfer.transport import TRANSPORTS
 logger = logging.getLogger(__name__)
 
 # Fastest first. A decode pool in CPU memory on the same host is fastest written in place
-# through /dev/shm (measured: bench/kvtransfer.py, shm about 2x NIXL over UCX on one host);
+# through /dev/shm (measured: bench/kv_transfer_bw.py, shm about 2x NIXL over UCX on one host);
 # a GPU pool never advertises shm, so GPU pairs and pairs across hosts get NIXL.
 PREFERENCE = ("shm", "nixl", "zmq")
 SHM_DIR = "/dev/shm"

@@ -15,7 +15,7 @@ from typing import Sequence
 
 SOLO_RUN_BYTES = 64 << 10  # a run this large (K or V of one layer) moves alone; smaller ones are grouped
 
-from kvtransfer.spec import kv_head_range
+from kvtransfer.spec import kv_head_range, num_blocks_for
 
 
 @dataclass(frozen=True)
@@ -99,4 +99,4 @@ def block_span(start: int, stop: int, block_size: int) -> tuple[int, int]:
     """Indices ``[first, last)`` into a block table of the blocks holding tokens ``[start, stop)``."""
     if not 0 <= start < stop:
         raise ValueError(f"bad token range [{start}, {stop})")
-    return start // block_size, -(-stop // block_size)
+    return start // block_size, num_blocks_for(stop, block_size)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kvtransfer.allocator import BlockAllocator
+from kvtransfer.spec import num_blocks_for
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class ReservationTable:
             raise ValueError("transfer_id must be a non-empty string")
         if transfer_id in self._entries or transfer_id in self._ended:
             raise ValueError(f"transfer id {transfer_id!r} was already used; give every transfer a fresh id")
-        num_blocks = -(-num_tokens // self.allocator.block_size)
+        num_blocks = num_blocks_for(num_tokens, self.allocator.block_size)
         if not self.allocator.can_allocate(num_blocks):
             return None
         block_ids = self.allocator.allocate(num_blocks)

@@ -21,6 +21,7 @@ from kvtransfer.nixl_transport import NixlWriter, nixl_available
 from kvtransfer.plan import HeadSlice, block_runs, head_slices, slice_block_bytes
 from kvtransfer.pool import KVPool
 from kvtransfer.shm_transport import ShmWriter
+from kvtransfer.spec import num_blocks_for
 from kvtransfer.transfer import KVTransfer
 from kvtransfer.transport import Destination, RankTarget, TransferError
 from kvtransfer.wire import pack
@@ -110,7 +111,7 @@ class KVSender:
                              f"{self.pool.num_blocks}")
         bs = self.pool.spec.block_size
         num_tokens = len(block_ids) * bs if num_tokens is None else num_tokens
-        if -(-num_tokens // bs) != len(block_ids):
+        if num_blocks_for(num_tokens, bs) != len(block_ids):
             raise ValueError(f"{num_tokens} tokens do not fill exactly {len(block_ids)} blocks of {bs}")
         if parsed.transport == "nixl" and not nixl_available():
             raise ValueError("the destination asks for nixl, which is not installed here; "
@@ -136,6 +137,10 @@ class KVSender:
     def stats(self) -> dict:
         with self._lock:
             return {**self._stats, "transfers_active": len(self._active)}
+
+    def is_alive(self) -> bool:
+        """Whether the sender thread still runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         """Abort what is still in flight, stop the thread, release sockets and mappings."""

@@ -8,6 +8,30 @@ from dataclasses import asdict, dataclass
 
 DTYPE_SIZES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+# KV transports, in the order a worker prefers them, and what ``--kv-transport`` accepts.
+TRANSPORTS = ("zmq", "shm", "nixl")
+TRANSPORT_CHOICES = ("auto", *TRANSPORTS)
+# Per-transport fields a decode rank's registration and a destination's rank entry must carry.
+TRANSPORT_EXTRAS: dict[str, tuple[str, ...]] = {"shm": ("shm_path", "owners_path"),
+                                                "nixl": ("nixl_agent",)}
+
+
+def num_blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks that hold ``num_tokens`` tokens (ceiling division): the one rounding rule."""
+    return -(-num_tokens // block_size)
+
+
+def reservation_blocks(num_context: int, max_tokens: int, output_index: int, max_model_len: int,
+                       block_size: int) -> int:
+    """KV blocks a decode worker reserves for a request's whole life, so a running sequence never
+    needs another: the context plus every token still to come, less the last one (whose K/V is
+    never computed), capped by the max model length. The router sizes its placement with the same
+    rule, so the two agree block for block.
+    """
+    remaining = max(1, max_tokens - output_index)
+    final_len = min(num_context + remaining, max_model_len)
+    return num_blocks_for(max(final_len - 1, num_context), block_size)
+
 
 def kv_head_range(num_kv_heads: int, tp_size: int, rank: int) -> tuple[int, int]:
     """Global kv heads ``[start, stop)`` held by ``rank`` of a TP group of ``tp_size``.
@@ -69,7 +93,7 @@ class KVSpec:
                 * self.head_dim * self.itemsize)
 
     def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return num_blocks_for(num_tokens, self.block_size)
 
     def to_dict(self) -> dict:
         return asdict(self)

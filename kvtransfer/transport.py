@@ -65,7 +65,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-TRANSPORTS = ("zmq", "shm", "nixl")
+from kvtransfer.spec import TRANSPORT_EXTRAS, TRANSPORTS  # noqa: F401 (TRANSPORTS re-exported)
 
 
 class TransferError(RuntimeError):
@@ -147,8 +147,7 @@ class Destination:
                                  f"block ids below {num_blocks}")
             if not isinstance(entry.get("endpoint"), str):
                 raise ValueError(f"KV destination rank {i} needs an endpoint string")
-            extras = {"shm": ("shm_path", "owners_path"), "nixl": ("nixl_agent",)}.get(transport, ())
-            for name in extras:
+            for name in TRANSPORT_EXTRAS.get(transport, ()):
                 if not isinstance(entry.get(name), str):
                     raise ValueError(f"KV destination rank {i} needs {name!r} for transport {transport}")
             targets.append(RankTarget(entry["endpoint"], tuple(block_ids), num_blocks,

@@ -15,32 +15,24 @@ sampling settings, as vLLM reports by default.
 """
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
-SEED_LIMIT = 2**63
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from models.request_options import check_sampling, is_int
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick each token of one request.
 
-    temperature: 0 is greedy (argmax); otherwise logits are divided by it. Must be >= 0.
+    temperature: 0 is greedy (argmax); otherwise logits are divided by it. In [0, 1000].
     top_p: keep the smallest set of most likely tokens whose mass reaches top_p; in (0, 1].
     top_k: keep the k most likely tokens; 0 turns it off. Applied before top_p.
     seed: None for fresh randomness, or an int in [0, 2**63) for a reproducible draw.
+    The ranges are ``models.request_options.check_sampling``'s (one definition).
     """
 
     temperature: float = 1.0
@@ -49,16 +41,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        t = self.temperature
-        if not _is_number(t) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        p = self.top_p
-        if not _is_number(p) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be a number in (0, 1] (1 = off), got {p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < SEED_LIMIT):
-            raise ValueError(f"seed must be None or an integer in [0, 2**63), got {self.seed!r}")
+        check_sampling(self.temperature, self.top_p, self.top_k, self.seed)
 
     @property
     def is_greedy(self) -> bool:
@@ -117,7 +100,7 @@ class Sampler:
         if len(params) != num_rows or len(output_indices) != num_rows:
             raise ValueError(f"{num_rows} logits rows need as many sampling params and output "
                              f"indices, got {len(params)} and {len(output_indices)}")
-        if any(not _is_int(i) or i < 0 for i in output_indices):
+        if any(not is_int(i) or i < 0 for i in output_indices):
             raise ValueError(f"output indices must be integers >= 0, got {list(output_indices)}")
         logits = logits.float()
         token_ids = logits.argmax(dim=-1)  # [N]; first maximum on ties

@@ -8,12 +8,13 @@ transfers that finish (or abort) in a step before reporting the step done.
 """
 from __future__ import annotations
 
-from decode.engine import chunk_to_wire, chunk_from_wire
-from decode.sequence import parse_request_options
 from kvtransfer.allocator import BlockAllocator
-from models.batch import SampleResult, SequenceChunk
+from models.batch import SequenceChunk
+from models.request_options import RequestOptions, StopRules
 from models.runner import ModelRunner
+from models.sampler import SamplingParams
 from prefill.scheduler import PrefillRequest, PrefillScheduler, ScheduledChunk
+from worker.step_plan import KVSend, PlanChunk, StepPlan
 
 
 class RankTransfers:
@@ -31,7 +32,7 @@ class RankTransfers:
         self.sender.close()
 
 
-def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: dict) -> dict:
+def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: StepPlan) -> dict:
     """Every rank: abort, begin, compute with layer-wise sends, finish and wait.
 
     Finished and aborted transfers are waited for before returning, so once rank 0 has the
@@ -39,36 +40,36 @@ def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: dict) 
     Returns ``{"results": [...], "failed": [[transfer_id, reason], ...]}``.
     """
     failed: list[list[str]] = []
-    for transfer_id in plan["aborts"]:
+    for transfer_id in plan.aborts:
         transfer = transfers.active.pop(transfer_id, None)
         if transfer is not None:
             transfer.abort()
             _settle(transfer, transfers.wait_timeout_s)
-    sends = plan["sends"]
+    sends = plan.sends
     for send in sends:
-        if send["begin"]:
+        if send.begin:
             try:
-                transfers.active[send["transfer_id"]] = transfers.sender.start(
-                    send["dest"], send["src"], send["num_tokens"])
+                transfers.active[send.transfer_id] = transfers.sender.start(send.dest, send.src,
+                                                                            send.num_tokens)
             except ValueError as exc:
-                failed.append([send["transfer_id"], str(exc)])
+                failed.append([send.transfer_id, str(exc)])
 
     def on_layer_done(layer: int) -> None:
         for send in sends:
-            transfer = transfers.active.get(send["transfer_id"])
+            transfer = transfers.active.get(send.transfer_id)
             if transfer is not None:
-                transfer.send_layer(layer, send["start"], send["stop"])
+                transfer.send_layer(layer, send.start, send.stop)
 
-    results = runner.step([chunk_from_wire(c) for c in plan["chunks"]], on_layer_done)
+    results = runner.step(plan.sequence_chunks(), on_layer_done)
     for send, result in zip(sends, results):
-        transfer = transfers.active.get(send["transfer_id"]) if send["last"] else None
+        transfer = transfers.active.get(send.transfer_id) if send.last else None
         if transfer is None:
             continue
-        del transfers.active[send["transfer_id"]]
+        del transfers.active[send.transfer_id]
         transfer.finish(result.token_id, result.logprob)
         error = _settle(transfer, transfers.wait_timeout_s)
         if error is not None:
-            failed.append([send["transfer_id"], error])
+            failed.append([send.transfer_id, error])
     return {"results": results, "failed": failed}
 
 
@@ -96,16 +97,16 @@ class PrefillEngine:
         self._in_flight: list[ScheduledChunk] = []
         self._sending: dict[str, PrefillRequest] = {}   # transfer_id -> request, until released
 
-    def add(self, rid: str, transfer_id: str, token_ids: list[int], sampling: dict,
+    def add(self, rid: str, transfer_id: str, token_ids: list[int], options: RequestOptions,
             dest: dict, output_index: int) -> None:
         """Queue a prompt. Raises ValueError for a malformed request."""
-        params, stop = parse_request_options(sampling, eos_token_ids=self.runner.config.eos_token_ids,
-                                             max_model_len=self.runner.max_model_len)
+        stop = StopRules.of(options, eos_token_ids=self.runner.config.eos_token_ids,
+                            max_model_len=self.runner.max_model_len)
         if not token_ids or len(token_ids) >= self.runner.max_model_len:
             raise ValueError(f"a prompt of {len(token_ids)} tokens does not fit "
                              f"max model length {self.runner.max_model_len}")
         request = PrefillRequest(rid=rid, transfer_id=transfer_id, token_ids=list(token_ids),
-                                 sampling=params, dest=dest, output_index=output_index, stop=stop)
+                                 sampling=SamplingParams(**options.sampling_fields), dest=dest, output_index=output_index, stop=stop)
         self.scheduler.add(request)
 
     def abort(self, rid: str) -> None:
@@ -125,32 +126,31 @@ class PrefillEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work() or bool(self._aborts)
 
-    def build_plan(self) -> dict | None:
+    def build_plan(self) -> StepPlan | None:
         chunks = self.scheduler.schedule()
         if not chunks and not self._aborts:
             return None
         sends = []
         for c in chunks:
             r = c.request
-            begin = r.transfer_id not in self._sending
-            send = {"transfer_id": r.transfer_id, "begin": begin, "last": c.is_last,
-                    # The first chunk also ships the blocks found in the prefix cache.
-                    "start": 0 if begin else c.start, "stop": c.end}
-            if begin:
-                # The destination holds blocks for the whole sequence; the prompt fills the first.
-                send.update(dest=r.dest, src=r.block_ids, num_tokens=r.num_tokens)
+            if r.transfer_id in self._sending:
+                sends.append(KVSend(r.transfer_id, False, c.is_last, c.start, c.end))
+            else:
+                # The first chunk also ships the blocks found in the prefix cache; the destination
+                # holds blocks for the whole sequence, the prompt fills the first.
+                sends.append(KVSend(r.transfer_id, True, c.is_last, 0, c.end, r.dest, r.block_ids,
+                                    r.num_tokens))
                 self._sending[r.transfer_id] = r
-            sends.append(send)
-        wire = [chunk_to_wire(SequenceChunk(c.request.token_ids[c.start:c.end], c.start,
-                                            c.request.block_ids,
-                                            c.request.sampling if c.is_last else None,
-                                            c.request.output_index)) for c in chunks]
+        plan_chunks = tuple(PlanChunk.of(SequenceChunk(c.request.token_ids[c.start:c.end], c.start,
+                                                       c.request.block_ids,
+                                                       c.request.sampling if c.is_last else None,
+                                                       c.request.output_index)) for c in chunks)
         self._in_flight = chunks
-        plan = {"op": "step", "chunks": wire, "sends": sends, "aborts": self._aborts}
+        plan = StepPlan(plan_chunks, tuple(sends), tuple(self._aborts))
         self._plan_aborts, self._aborts = self._aborts, []
         return plan
 
-    def execute_plan(self, plan: dict) -> dict:
+    def execute_plan(self, plan: StepPlan) -> dict:
         return run_prefill_plan(self.runner, self.transfers, plan)
 
     def apply(self, output: dict) -> tuple[list, list]:

@@ -11,8 +11,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from decode.sequence import StopCriteria
 from kvtransfer.allocator import BlockAllocator
+from kvtransfer.spec import num_blocks_for
+from models.request_options import StopRules
 from models.sampler import SamplingParams
 
 
@@ -28,7 +29,7 @@ class PrefillRequest:
     num_computed: int = 0        # prompt tokens whose KV is in the local pool
     num_prefix_hit: int = 0      # of which came from the prefix cache
     arrival: float = field(default_factory=time.monotonic)
-    stop: StopCriteria | None = None   # decides whether the first token already ends it
+    stop: StopRules | None = None   # decides whether the first token already ends it
 
     @property
     def num_tokens(self) -> int:
@@ -90,7 +91,7 @@ class PrefillScheduler:
     def _take_blocks(self, request: PrefillRequest) -> bool:
         # At least the last prompt token is always computed: its logits give the first token.
         hit = self.allocator.match_prefix(request.token_ids[:request.num_tokens - 1])
-        num_blocks = -(-request.num_tokens // self.block_size)
+        num_blocks = num_blocks_for(request.num_tokens, self.block_size)
         if not self.allocator.can_allocate(num_blocks - len(hit)):
             self.allocator.free(hit)
             return False

@@ -11,10 +11,14 @@ from __future__ import annotations
 import logging
 
 from models.parallel import ParallelContext
+from models.request_options import RequestOptions
 from prefill.engine import PrefillEngine, RankTransfers, run_prefill_plan
-from prefill.tp_group import TPGroup, follow_plans
-from prefill.worker_common import StepWorker, WorkerOptions, build_runner, run_worker, worker_info
 from router import protocol as P
+from worker.options import WorkerOptions
+from worker.process import run_worker
+from worker.runner import build_runner, restrict, worker_info
+from worker.step_loop import StepWorker
+from worker.tp_group import TPGroup, follow_plans
 
 log = logging.getLogger("pdserve.prefill")
 
@@ -46,18 +50,14 @@ class PrefillWorker(StepWorker):
                                     max_num_seqs=opts.max_num_seqs)
 
     def info(self) -> dict:
-        from decode.kv_receive import restrict
         caps = restrict(self.transfers.sender.capabilities(), self.opts.kv_transport)
         return worker_info(self.opts, self.engine.runner, caps)
-
-    def background_tasks(self) -> list:
-        return []
 
     def handle(self, msg: P.Message) -> None:
         if isinstance(msg, P.Prefill):
             try:
-                self.engine.add(msg.rid, msg.transfer_id, list(msg.token_ids), msg.sampling,
-                                msg.dest, msg.output_index)
+                self.engine.add(msg.rid, msg.transfer_id, list(msg.token_ids),
+                                RequestOptions.from_wire(msg.sampling), msg.dest, msg.output_index)
             except ValueError as exc:
                 self.link.send(P.WorkerError(msg.rid, msg.transfer_id, str(exc)))
                 return
@@ -79,10 +79,11 @@ class PrefillWorker(StepWorker):
         for request, error in failed:
             self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
 
-    def stats(self) -> dict:
-        stats = self.engine.stats()
-        stats.update(self.transfers.sender.stats())
-        return stats
+    def kv_stats(self) -> dict:
+        return self.transfers.sender.stats()
+
+    def thread_health(self) -> str | None:
+        return None if self.transfers.sender.is_alive() else "the KV sender thread stopped"
 
     def close_transport(self) -> None:
         self.transfers.close()

@@ -9,11 +9,11 @@ from __future__ import annotations
 import secrets
 import time
 
+from kvtransfer.spec import reservation_blocks
 from router import protocol as P
 from router.config import RouterConfig
 from router.model_info import ModelInfo
 from router.output import OutputProcessor
-from router.policy import blocks_needed
 from router.request import Request
 from router.validation import InvalidRequest, RequestSpec, validate_generate, validate_rid
 from router.workers import WorkerRegistry
@@ -57,8 +57,8 @@ class Admission:
             self._check_fits(spec, max_len)
         except InvalidRequest as exc:
             raise Rejected(msg.rid, P.ERR_INVALID, str(exc)) from None
-        stop_ids = set(spec.sampling["stop_token_ids"])
-        if not spec.sampling["ignore_eos"]:
+        stop_ids = set(spec.options.stop_token_ids)
+        if not spec.options.ignore_eos:
             stop_ids.update(model.eos_token_ids)
         self._next_id += 1
         now = time.monotonic()
@@ -69,7 +69,7 @@ class Admission:
     def _check_fits(self, spec: RequestSpec, max_len: int) -> None:
         largest = self.registry.max_decode_blocks()
         if largest and self.registry.kv_spec is not None:
-            need = blocks_needed(len(spec.prompt_ids), spec.max_tokens, 0, max_len,
+            need = reservation_blocks(len(spec.prompt_ids), spec.max_tokens, 0, max_len,
                                  self.registry.kv_spec.block_size)
             if need > largest:
                 raise InvalidRequest(f"the prompt and max_tokens need {need} KV blocks but the largest "

@@ -150,10 +150,10 @@ def cmd_router(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from router.worker_args import run_worker
+    from router.worker_args import worker_main
 
     _die_with_parent()
-    return run_worker(args)
+    return worker_main(args)
 
 
 def _die_with_parent() -> None:

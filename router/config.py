@@ -6,9 +6,10 @@ import os
 import tempfile
 from dataclasses import dataclass
 
+from kvtransfer.spec import TRANSPORT_CHOICES
 from router.security import check_bind
 
-KV_TRANSPORTS = ("auto", "zmq", "shm", "nixl")
+KV_TRANSPORTS = TRANSPORT_CHOICES  # re-exported for the CLI
 
 
 def default_endpoint(name: str) -> str:

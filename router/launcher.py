@@ -1,7 +1,10 @@
 """Starts a whole local cluster: the router and its worker processes, and stops it cleanly.
 
-    with LocalCluster(mode="disagg", num_prefill=1, num_decode=1) as cluster:
+    with LocalCluster("demo", mode="disagg", num_prefill=1, num_decode=1) as cluster:
         client = Client(cluster.endpoint)
+
+``model`` is anything ``--model`` takes (None: the default model); it is resolved once
+(``models.registry.resolve_model``: fetched and converted if need be) before any process starts.
 
 The router runs in this process (a background thread) or as a ``pdserve router`` subprocess;
 each worker is a ``pdserve worker`` subprocess in its own process group (its TP ranks share

@@ -18,15 +18,6 @@ if TYPE_CHECKING:
     from router.workers import WorkerRecord
 
 
-def blocks_needed(num_context: int, max_tokens: int, output_index: int, max_model_len: int,
-                  block_size: int) -> int:
-    """KV blocks a decode worker reserves for a request (its whole life, as decode does):
-    the context plus every token still to come, less the last one whose K/V is never computed."""
-    remaining = max(1, max_tokens - output_index)
-    final_len = min(num_context + remaining, max_model_len)
-    return -(-max(final_len - 1, num_context) // block_size)
-
-
 class PrefixIndex:
     """The most recent block hashes sent to one prefill worker, at most ``capacity`` (LRU)."""
 

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from models.request_options import FINISH_LENGTH, FINISH_STOP  # noqa: F401 (part of this protocol)
+
 # Limits for anything that faces the outside. Sockets also set zmq.MAXMSGSIZE to MAX_MESSAGE_BYTES.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 _UNPACK_LIMITS = dict(max_str_len=MAX_MESSAGE_BYTES, max_bin_len=MAX_MESSAGE_BYTES,
@@ -27,10 +29,12 @@ class ProtocolError(ValueError):
     """A message that could not be decoded; the text says what was wrong."""
 
 
-# Finish reasons carried in Chunk.finish_reason / TokenItem.finish_reason.
-FINISH_STOP = "stop"      # EOS token, a stop token id, or a stop string
-FINISH_LENGTH = "length"  # max_tokens reached, or the max model length
+# Finish reasons carried in Chunk.finish_reason / TokenItem.finish_reason: FINISH_STOP (EOS
+# token, a stop token id, or a stop string), FINISH_LENGTH (max_tokens or the max model length),
 FINISH_ABORT = "abort"    # cancelled, deadline, or the server gave up on the request
+FINISH_REASONS = (FINISH_STOP, FINISH_LENGTH, FINISH_ABORT)
+# Worker roles (Register.info["role"]): prefill only, decode only, or colocated.
+ROLES = ("prefill", "decode", "both")
 FREE_UNWRITTEN = "unwritten"  # Free.reason: the reservation was never handed to a KV writer
 
 # Error codes carried in Error.code.
@@ -134,9 +138,8 @@ class Registered(Message):
 class Heartbeat(Message):
     """Worker -> router, every heartbeat interval: liveness and load.
 
-    ``stats`` keys the router reads: num_blocks, free_blocks, running (ints) and optionally
-    waiting / reserved; every other key is passed through to status replies. The router
-    answers each one with ``HeartbeatAck``.
+    ``stats`` is ``router.payloads.HeartbeatStats.to_wire()``. The router answers each one
+    with ``HeartbeatAck``.
     """
     TAG: ClassVar[int] = 12
     worker_id: str
@@ -202,7 +205,7 @@ class FirstToken(Message):
 
 @dataclass
 class Tokens(Message):
-    """Decode -> router, one per engine step: ``items`` = [[rid, token_id, logprob, finish_reason|None], ...]."""
+    """Decode -> router, one per engine step: ``items`` = [``router.payloads.TokenItem.to_wire()``, ...]."""
     TAG: ClassVar[int] = 17
     worker_id: str
     step: int

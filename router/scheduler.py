@@ -20,16 +20,18 @@ from collections import deque
 from typing import Protocol
 
 from kvtransfer.allocator import block_hashes
+from kvtransfer.spec import reservation_blocks
 from router import protocol as P
 from router.admission import Admission, Rejected
 from router.config import RouterConfig
 from router.model_info import ModelInfo
-from router.policy import blocks_needed, pick_decode, pick_prefill
+from router.payloads import TokenItem
+from router.policy import pick_decode, pick_prefill
 from router.request import Request, State
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
-FINISH_REASONS = (P.FINISH_STOP, P.FINISH_LENGTH, P.FINISH_ABORT)
+
 
 
 class Outbox(Protocol):
@@ -97,7 +99,7 @@ class RequestScheduler:
         if spec is None or max_len is None:
             return False
         context = req.context_ids
-        num_blocks = blocks_needed(len(context), req.spec.max_tokens, len(req.output_ids), max_len,
+        num_blocks = reservation_blocks(len(context), req.spec.max_tokens, len(req.output_ids), max_len,
                                    spec.block_size)
         decode = pick_decode(self.registry.alive(), num_blocks)
         if decode is None:
@@ -176,7 +178,7 @@ class RequestScheduler:
         if req.prefill is req.decode:
             req.started = True  # colocated: this worker's later Tokens are this attempt's
         req.handoff_since = None if req.started else time.monotonic()  # the KV must land next
-        reason = msg.finish_reason if msg.finish_reason in FINISH_REASONS else None
+        reason = msg.finish_reason if msg.finish_reason in P.FINISH_REASONS else None
         if reason is not None and req.prefill is req.decode:
             req.decode_holds = False  # the colocated worker ended it itself
         if not self._emit(req, msg.token_id, reason):
@@ -188,17 +190,16 @@ class RequestScheduler:
 
     def on_tokens(self, worker: WorkerRecord, msg: P.Tokens) -> None:
         attempts = self.attempts
-        for item in msg.items:
-            if not isinstance(item, list) or len(item) != 4:
+        for wire_item in msg.items:
+            try:
+                rid, token_id, _, reason = TokenItem.from_wire(wire_item)
+            except P.ProtocolError as exc:
+                log.warning("worker %s sent a malformed Tokens item: %s", worker.worker_id, exc)
                 continue
-            rid, token_id, _, reason = item
             req = attempts.get(rid)
             if req is None or req.decode is not worker or not req.started:
                 continue  # finished, moved elsewhere, or a late token of an earlier attempt
-            if not isinstance(token_id, int):
-                continue
             if reason is not None:
-                reason = reason if reason in FINISH_REASONS else P.FINISH_STOP
                 req.decode_holds = False
             if req.got_first:
                 self._emit(req, token_id, reason)

@@ -20,6 +20,7 @@ import zmq
 from router import protocol as P
 from router.config import RouterConfig
 from router.model_info import ModelInfo
+from router.payloads import HeartbeatStats
 from router.request import Request
 from router.scheduler import RequestScheduler
 from router.security import CurveKeys
@@ -185,7 +186,10 @@ class Router:
         if isinstance(msg, P.Tokens):
             sched.on_tokens(worker, msg)
         elif isinstance(msg, P.Heartbeat):
-            worker.stats = msg.stats
+            try:
+                worker.stats = HeartbeatStats.from_wire(msg.stats)
+            except P.ProtocolError as exc:
+                log.warning("worker %s sent malformed heartbeat stats: %s", worker.worker_id, exc)
             self._backend.send([identity, P.encode(P.HeartbeatAck(worker.worker_id, True))])
             sched.on_capacity(worker)
         elif isinstance(msg, P.Allocated):
@@ -256,18 +260,18 @@ class Router:
         model = self.scheduler.model
         workers = []
         for w in sorted(self.registry.by_id.values(), key=lambda w: (not w.alive, w.role, w.worker_id)):
-            stats = w.stats
-            num_blocks = stats.get("num_blocks", w.num_blocks)
-            free = stats.get("free_blocks", num_blocks)
+            stats = w.stats or HeartbeatStats()
+            num_blocks = w.num_blocks if stats.num_blocks is None else stats.num_blocks
+            free = num_blocks if stats.free_blocks is None else stats.free_blocks
             workers.append({
                 "id": w.worker_id, "role": w.role, "tp": w.tp_size, "alive": w.alive,
                 "transports": list(w.transports), "num_blocks": num_blocks, "free_blocks": free,
                 "kv_usage": round(1 - free / num_blocks, 4) if num_blocks else 0.0,
-                "running": stats.get("running", 0),
-                "queued": stats.get("waiting", stats.get("reserved", 0)),
+                "running": stats.running, "queued": stats.waiting + stats.reserved,
                 "assigned": w.num_decoding + w.num_prefilling,
                 "num_prefilled": w.num_prefilled, "num_decoded": w.num_decoded,
-                "pid": w.info.get("pid"), "host": w.info.get("host"), "stats": stats,
+                "pid": w.info.get("pid"), "host": w.info.get("host"),
+                "stats": w.stats.to_wire() if w.stats is not None else {},
             })
         return {"router": {"uptime_s": round(time.monotonic() - self.started_at, 3),
                            "model": model.name if model else None,

@@ -1,24 +1,24 @@
 """Validation of client requests: every field of a Generate, before any state changes.
 
 Anything wrong raises ``InvalidRequest`` with a sentence saying what to change; the router
-answers it as an ``invalid_request`` error. Ranges match ``models.sampler.SamplingParams``.
+answers it as an ``invalid_request`` error. The sampling and token-level stop options are
+``models.request_options.RequestOptions`` (their one definition); this module adds what depends on
+the model (vocabulary, tokenizer, max length) and what only the router handles (stop strings).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
+from models.request_options import RequestOptions, is_int, is_number
 from router import protocol as P
 from router.chat_template import ChatTemplateError
 from router.model_info import ModelInfo
 
-DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
-            "stop": None, "stop_token_ids": None, "ignore_eos": False}
-SEED_LIMIT = 2**63
-MAX_TEMPERATURE = 1000.0
+PARAM_NAMES = (*RequestOptions.__dataclass_fields__, "stop")
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-MAX_STOP_TOKEN_IDS = 256
 MAX_RID_CHARS = 256
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_CHARS_PER_TOKEN = 64
@@ -35,19 +35,19 @@ class RequestSpec:
     """A validated Generate: what the router schedules."""
 
     prompt_ids: list[int]
-    sampling: dict                   # the wire dict sent to workers (protocol.Allocate)
+    options: RequestOptions          # max_tokens clipped to the max model length
     stop: tuple[str, ...]
-    max_tokens: int                  # after clipping to the max model length
     stream: bool
     timeout_s: float | None
 
+    @property
+    def max_tokens(self) -> int:
+        return self.options.max_tokens
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    @property
+    def sampling(self) -> dict:
+        """The options as sent to workers (``Allocate.sampling``, ``Prefill.sampling``)."""
+        return self.options.to_wire()
 
 
 def validate_rid(rid) -> None:
@@ -59,20 +59,18 @@ def validate_generate(msg: P.Generate, model: ModelInfo, max_model_len: int) -> 
     """Check a Generate against the model; tokenize a text prompt. Raises InvalidRequest."""
     validate_rid(msg.rid)
     prompt_ids = _prompt_ids(msg, model, max_model_len)
-    params = _params(msg.params, model)
+    options, stop = _params(msg.params, model)
     stream = msg.stream
     if not isinstance(stream, bool):
         raise InvalidRequest(f"stream must be true or false, got {stream!r}")
     timeout = msg.timeout_s
-    if timeout is not None and (not _is_number(timeout) or not math.isfinite(timeout)
+    if timeout is not None and (not is_number(timeout) or not math.isfinite(timeout)
                                 or not 0 < timeout <= MAX_TIMEOUT_S):
         raise InvalidRequest(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}] "
                              f"or null, got {timeout!r}")
-    stop = params.pop("stop")
-    max_tokens = min(params["max_tokens"], max_model_len - len(prompt_ids))
-    params["max_tokens"] = max_tokens
-    return RequestSpec(prompt_ids=prompt_ids, sampling=params, stop=stop, max_tokens=max_tokens,
-                       stream=stream, timeout_s=None if timeout is None else float(timeout))
+    options = dataclasses.replace(options, max_tokens=min(options.max_tokens, max_model_len - len(prompt_ids)))
+    return RequestSpec(prompt_ids=prompt_ids, options=options, stop=stop, stream=stream,
+                       timeout_s=None if timeout is None else float(timeout))
 
 
 def _too_long(num_tokens: int, max_model_len: int) -> InvalidRequest:
@@ -97,7 +95,7 @@ def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[i
         raise _too_long(len(ids), max_model_len)
     vocab = model.vocab_size
     for i, tok in enumerate(ids):
-        if not _is_int(tok) or not 0 <= tok < vocab:
+        if not is_int(tok) or not 0 <= tok < vocab:
             raise InvalidRequest(f"prompt_token_ids[{i}] = {tok!r} is not a token id of this model "
                                  f"(integers in [0, {vocab}))")
     return list(ids)
@@ -135,37 +133,18 @@ def _text_ids(text: str, model: ModelInfo, max_model_len: int, chat: bool) -> li
     return ids
 
 
-def _params(raw, model: ModelInfo) -> dict:
+def _params(raw, model: ModelInfo) -> tuple[RequestOptions, tuple[str, ...]]:
     if not isinstance(raw, dict):
         raise InvalidRequest(f"params must be a mapping, got {type(raw).__name__}")
-    unknown = sorted(str(key) for key in raw if key not in DEFAULTS)
+    unknown = sorted(str(key) for key in raw if key not in PARAM_NAMES)
     if unknown:
-        raise InvalidRequest(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    p = {**DEFAULTS, **raw}
-    if not _is_int(p["max_tokens"]) or p["max_tokens"] < 1:
-        raise InvalidRequest(f"max_tokens must be a positive integer, got {p['max_tokens']!r}")
-    t = p["temperature"]
-    if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= MAX_TEMPERATURE:
-        raise InvalidRequest(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), got {t!r}")
-    if not _is_number(p["top_p"]) or not 0 < p["top_p"] <= 1:
-        raise InvalidRequest(f"top_p must be a number in (0, 1] (1 = off), got {p['top_p']!r}")
-    if not _is_int(p["top_k"]) or p["top_k"] < 0:
-        raise InvalidRequest(f"top_k must be an integer >= 0 (0 = off), got {p['top_k']!r}")
-    seed = p["seed"]
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < SEED_LIMIT):
-        raise InvalidRequest(f"seed must be null or an integer in [0, 2**63), got {seed!r}")
-    if not isinstance(p["ignore_eos"], bool):
-        raise InvalidRequest(f"ignore_eos must be true or false, got {p['ignore_eos']!r}")
-    stop_ids = p["stop_token_ids"] or []
-    if not isinstance(stop_ids, list) or len(stop_ids) > MAX_STOP_TOKEN_IDS:
-        raise InvalidRequest(f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids")
-    for tok in stop_ids:
-        if not _is_int(tok) or not 0 <= tok < model.vocab_size:
-            raise InvalidRequest(f"stop_token_ids contains {tok!r}, not a token id of this model "
-                                 f"(integers in [0, {model.vocab_size}))")
-    return {"max_tokens": p["max_tokens"], "temperature": float(t), "top_p": float(p["top_p"]),
-            "top_k": p["top_k"], "seed": seed, "stop_token_ids": list(dict.fromkeys(stop_ids)),
-            "ignore_eos": p["ignore_eos"], "stop": _stop_strings(p["stop"], model)}
+        raise InvalidRequest(f"unknown parameter(s) {', '.join(unknown)}; known: {', '.join(PARAM_NAMES)}")
+    try:
+        options = RequestOptions.from_wire({k: v for k, v in raw.items() if k != "stop"})
+        options.check_vocab(model.vocab_size)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return options, _stop_strings(raw.get("stop"), model)
 
 
 def _stop_strings(stop, model: ModelInfo) -> tuple[str, ...]:

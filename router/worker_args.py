@@ -1,6 +1,6 @@
 """Command-line options of a worker (``pdserve worker``), shared by the launcher and the CLI.
 
-A worker entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)``) receives the
+A role's entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)``) receives the
 ``argparse.Namespace`` these options produce:
 
     role            prefill | decode | both
@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import re
 
-ROLES = ("prefill", "decode", "both")
+from kvtransfer.spec import TRANSPORT_CHOICES
+from router.protocol import ROLES
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-KV_TRANSPORTS = ("auto", "zmq", "shm", "nixl")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4,
           "tib": 1 << 40}
@@ -97,7 +98,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     pool.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV pool size in blocks")
     pool.add_argument("--kv-memory", type=_size, default=None,
                       help="KV pool size per rank, e.g. 2GiB (default: the engine's choice)")
-    parser.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
+    parser.add_argument("--kv-transport", choices=TRANSPORT_CHOICES, default="auto",
                         help="how KV moves from prefill to decode")
     parser.add_argument("--max-num-seqs", type=_positive_int, default=None,
                         help="max sequences a decode step runs")
@@ -129,8 +130,9 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    """Start the worker process for ``args.role`` (imports the engine, and torch, only here)."""
+def worker_main(args: argparse.Namespace) -> int:
+    """``pdserve worker``: run this process as a worker of ``args.role`` (imports the engine,
+    and torch, only here)."""
     if args.role == "prefill":
         from prefill.worker import main
     else:

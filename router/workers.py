@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 from kvtransfer.negotiate import choose_transport
 from kvtransfer.spec import KVSpec
+from router.payloads import HeartbeatStats
 from router.policy import PrefixIndex
+from router.protocol import ROLES
 
 log = logging.getLogger("pdserve.router")
 
-ROLES = ("prefill", "decode", "both")
 # Register info: key -> accepted types. Required keys first, then optional ones.
 REGISTER_INFO_TYPES = {"role": str, "tp_size": int, "kv_spec": dict, "fingerprint": str,
                        "transports": (list, dict), "max_model_len": int, "num_blocks": int,
@@ -46,7 +47,7 @@ class WorkerRecord:
     info: dict
     last_seen: float
     alive: bool = True
-    stats: dict = field(default_factory=dict)
+    stats: HeartbeatStats | None = None   # the last heartbeat's
     reserved_blocks: int = 0        # blocks held by requests this router placed here (decode)
     num_decoding: int = 0           # requests placed here as their decode worker
     outstanding_tokens: int = 0     # prompt tokens sent here for prefill, not yet done

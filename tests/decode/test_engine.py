@@ -4,6 +4,7 @@ import torch
 
 from decode.engine import DecodeEngine
 from kvtransfer.allocator import NoFreeBlocks
+from models.request_options import RequestOptions
 from models.runner import ModelRunner
 from tests.tiny_models import make_tiny_checkpoint
 
@@ -48,7 +49,7 @@ def test_colocated_engine_matches_transformers_and_frees_everything(model_dir):
     engine = DecodeEngine(runner, colocated=True, max_num_batched_tokens=16)
     prompts = {"a": [3, 17, 42, 9, 88, 5, 61], "b": list(range(20, 45)), "c": [7]}
     for rid, prompt in prompts.items():
-        engine.reserve(rid, f"t-{rid}", prompt, {**GREEDY, "max_tokens": 12}, 0)
+        engine.reserve(rid, f"t-{rid}", prompt, RequestOptions(**GREEDY, max_tokens=12), 0)
         engine.prefill_local(rid, f"t-{rid}")
     outputs = _run(engine, prompts)
     for rid, prompt in prompts.items():
@@ -60,10 +61,10 @@ def test_prefix_cache_hit_gives_the_same_tokens(model_dir):
     runner = ModelRunner(model_dir, block_size=4, num_blocks=64)
     engine = DecodeEngine(runner, colocated=True)
     prompt = list(range(30, 50))
-    engine.reserve("a", "t-a", prompt, {**GREEDY, "max_tokens": 5}, 0)
+    engine.reserve("a", "t-a", prompt, RequestOptions(**GREEDY, max_tokens=5), 0)
     engine.prefill_local("a", "t-a")
     first = _run(engine, ["a"])["a"]
-    seq = engine.reserve("b", "t-b", prompt, {**GREEDY, "max_tokens": 5}, 0)
+    seq = engine.reserve("b", "t-b", prompt, RequestOptions(**GREEDY, max_tokens=5), 0)
     assert seq.num_prefix_hit == 16
     engine.prefill_local("b", "t-b")
     assert _run(engine, ["b"])["b"] == first
@@ -73,12 +74,12 @@ def test_prefix_cache_hit_gives_the_same_tokens(model_dir):
 def test_free_mid_step_defers_block_release(model_dir):
     runner = ModelRunner(model_dir, block_size=4, num_blocks=8)
     engine = DecodeEngine(runner, colocated=True)
-    engine.reserve("a", "t-a", [1, 2, 3], {**GREEDY, "max_tokens": 20}, 0)
+    engine.reserve("a", "t-a", [1, 2, 3], RequestOptions(**GREEDY, max_tokens=20), 0)
     engine.prefill_local("a", "t-a")
     plan = engine.build_plan()
     assert engine.free("a")
     assert engine.allocator.num_free_blocks == 2      # still owned by the step in flight
     with pytest.raises(NoFreeBlocks):
-        engine.reserve("b", "t-b", [1, 2, 3], {**GREEDY, "max_tokens": 20}, 0)
+        engine.reserve("b", "t-b", [1, 2, 3], RequestOptions(**GREEDY, max_tokens=20), 0)
     out = engine.apply(engine.execute_plan(plan))
     assert out.first_tokens == [] and engine.allocator.num_free_blocks == 8

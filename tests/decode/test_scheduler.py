@@ -3,6 +3,7 @@ import pytest
 from decode.scheduler import DecodeScheduler
 from kvtransfer.allocator import BlockAllocator
 from models.batch import SampleResult
+from models.request_options import RequestOptions
 
 EOS = 2
 
@@ -13,6 +14,7 @@ def _scheduler(max_model_len=64):
 
 def _seq(sched, rid, prompt, **options):
     options.setdefault("temperature", 0.0)
+    options = RequestOptions(**options)
     n = sched.num_blocks_needed(len(prompt), options, 0)
     return sched.make_sequence(rid, f"t-{rid}", prompt, options, 0, sched.allocator.allocate(n))
 
@@ -20,11 +22,11 @@ def _seq(sched, rid, prompt, **options):
 def test_blocks_cover_the_whole_life_of_a_sequence():
     sched = _scheduler(max_model_len=20)
     # 6 prompt tokens + 8 new: the 14th token's K/V is never written, so 13 slots -> 4 blocks.
-    assert sched.num_blocks_needed(6, {"max_tokens": 8}, 0) == 4
+    assert sched.num_blocks_needed(6, RequestOptions(max_tokens=8), 0) == 4
     # Capped by the max model length: 19 slots -> 5 blocks.
-    assert sched.num_blocks_needed(6, {"max_tokens": 500}, 0) == 5
+    assert sched.num_blocks_needed(6, RequestOptions(max_tokens=500), 0) == 5
     # After a failover 5 tokens were generated already; 3 remain.
-    assert sched.num_blocks_needed(11, {"max_tokens": 8}, 5) == 4
+    assert sched.num_blocks_needed(11, RequestOptions(max_tokens=8), 5) == 4
 
 
 def test_steps_feed_the_last_token_and_stop_on_max_tokens():
@@ -78,9 +80,9 @@ def test_removed_sequence_drops_its_in_flight_token():
 def test_bad_requests_are_refused():
     sched = _scheduler(max_model_len=8)
     with pytest.raises(ValueError, match="max model length"):
-        sched.make_sequence("x", "t", list(range(8)), {"max_tokens": 1}, 0, [])
+        sched.make_sequence("x", "t", list(range(8)), RequestOptions(max_tokens=1), 0, [])
     with pytest.raises(ValueError, match="unknown sampling options"):
-        sched.make_sequence("y", "t", [1], {"beam_width": 2}, 0, [])
+        sched.make_sequence("y", "t", [1], RequestOptions.from_wire({"beam_width": 2}), 0, [])
     _seq(sched, "z", [1])
     with pytest.raises(ValueError, match="already"):
         _seq(sched, "z", [1])

@@ -1,7 +1,7 @@
 import pytest
 
 from kvtransfer.allocator import block_hashes
-from router.policy import PrefixIndex, blocks_needed, pick_decode, pick_prefill
+from router.policy import PrefixIndex, pick_decode, pick_prefill
 from router.workers import RegistrationError, WorkerRegistry
 
 SPEC = {"num_layers": 2, "num_kv_heads": 2, "head_dim": 8, "block_size": 4, "dtype": "float32"}
@@ -82,14 +82,6 @@ def test_liveness_expiry_and_forced_transport():
     fp = forced_shm.register(b"p", "p", info("prefill"), 0.0)
     fd = forced_shm.register(b"d", "d", info(transports=other_host), 0.0)
     assert forced_shm.transport_for(fp, fd) is None  # forced shm across hosts: no pair
-
-
-def test_blocks_needed_matches_the_decode_reservation():
-    # 10 context tokens + 6 to come - 1 never stored = 15 tokens = 4 blocks of 4
-    assert blocks_needed(10, 6, 0, 64, 4) == 4
-    assert blocks_needed(10, 6, 5, 64, 4) == 3      # resumed: 1 token to come -> 10 tokens
-    assert blocks_needed(60, 100, 0, 64, 4) == 16   # capped by the max model length
-    assert blocks_needed(1, 1, 0, 64, 4) == 1
 
 
 def test_decode_pick_fewest_sequences_then_most_free_blocks_and_must_fit():

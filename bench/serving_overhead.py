@@ -1,7 +1,7 @@
 """Router benchmark: what the full serving stack costs over the model, and how many tokens/s the
 router itself can fan out.
 
-    python bench/router.py --json router.json
+    python -m bench.serving_overhead --json serving_overhead.json
 
 1. Overhead: the demo model at one batch, run (a) in this process through the colocated engine
    (``ModelRunner`` + ``DecodeEngine``, no sockets) and (b) through ``pdserve``'s whole stack
@@ -18,20 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
-    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from router.client import AsyncClient  # noqa: E402
-from router.launcher import LocalCluster, threads_per_rank  # noqa: E402
+from router.client import AsyncClient
+from router.launcher import LocalCluster, threads_per_rank
 
 
 def prompts_for(batch: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -45,12 +40,13 @@ def in_process_tokens_per_s(model_dir: str, prompts, max_tokens: int) -> float:
     import torch
 
     from decode.engine import DecodeEngine
+    from models.request_options import RequestOptions
     from models.runner import ModelRunner
 
     torch.set_num_threads(threads_per_rank(1))
     runner = ModelRunner(model_dir, block_size=16, num_blocks=4096)
     engine = DecodeEngine(runner, colocated=True, max_num_seqs=len(prompts))
-    options = {"temperature": 0.0, "ignore_eos": True, "max_tokens": max_tokens}
+    options = RequestOptions(temperature=0.0, ignore_eos=True, max_tokens=max_tokens)
 
     def run_once() -> tuple[int, float]:
         start = time.perf_counter()

@@ -1,8 +1,8 @@
 """The TP ranks of one worker: rank 0 spawns ranks 1..K-1 and drives them with step plans.
 
 Every rank is its own process with its own model shard, KV pool shard and KV transport end.
-Rank 0 owns the sockets; for each step it broadcasts a msgpack plan (``broadcast_plan``)
-and every rank executes the same plan on its shard. The decode worker reuses this module.
+Rank 0 owns the sockets; for each step it broadcasts a ``StepPlan`` (``broadcast``) and every
+rank executes the same plan on its shard (``follow_plans``). Both roles use this module.
 
 A rank that loses its parent dies with it (PR_SET_PDEATHSIG on Linux), so a SIGKILLed
 worker never leaves shards running.
@@ -18,8 +18,7 @@ import tempfile
 from typing import Any, Callable
 
 from models.parallel import ParallelContext, broadcast_plan, init_tensor_parallel
-
-PLAN_STOP = {"op": "stop"}
+from worker.step_plan import STOP_PLAN, StepPlan
 
 
 def _die_with_parent() -> None:
@@ -72,7 +71,7 @@ class TPGroup:
         """Tell the other ranks to exit (if they can still hear), then make sure they do."""
         if ctx is not None and ctx.world_size > 1 and not self.dead_ranks():
             try:
-                broadcast_plan(ctx, PLAN_STOP)
+                broadcast(ctx, STOP_PLAN)
             except Exception:
                 pass
         for proc in self.processes:
@@ -90,10 +89,17 @@ class TPGroup:
             pass
 
 
-def follow_plans(ctx: ParallelContext, execute: Callable[[dict], Any]) -> None:
+def broadcast(ctx: ParallelContext, plan: StepPlan) -> StepPlan:
+    """Rank 0: send ``plan`` to ranks 1..K-1 (nothing to send with TP=1)."""
+    if ctx.world_size > 1:
+        broadcast_plan(ctx, plan.to_wire())
+    return plan
+
+
+def follow_plans(ctx: ParallelContext, execute: Callable[[StepPlan], Any]) -> None:
     """Ranks 1..K-1: execute rank 0's plans until it sends the stop plan."""
     while True:
-        plan = broadcast_plan(ctx)
-        if plan.get("op") == "stop":
+        plan = StepPlan.from_wire(broadcast_plan(ctx))
+        if plan.stop:
             return
         execute(plan)

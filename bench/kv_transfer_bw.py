@@ -1,7 +1,7 @@
 """KV transport benchmark: bandwidth of each transport next to this machine's memcpy, and the
 time to first token with layer-wise streaming versus sending after prefill.
 
-    python bench/kvtransfer.py --json kvtransfer.json
+    python -m bench.kv_transfer_bw --json kv_transfer_bw.json
 
 Model: Qwen2.5-0.5B-like KV (24 layers, 2 kv heads, head_dim 64, bfloat16, blocks of 16
 tokens): 12 KiB per token, 24 MiB for one 2,048-token request, 768 MiB for 32 of them. The
@@ -26,28 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
-if __name__ == "__main__":
-    # Run as `python bench/NAME.py`: the repository, not bench/, goes first on the path, so the
-    # scripts named like packages (router.py, kvtransfer.py) never shadow what they measure.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
 
-from kvtransfer.allocator import BlockAllocator  # noqa: E402
-from kvtransfer.coordinator import KVCoordinator  # noqa: E402
-from kvtransfer.nixl_transport import nixl_available  # noqa: E402
-from kvtransfer.pool import KVPool  # noqa: E402
-from kvtransfer.receiver import KVReceiver  # noqa: E402
-from kvtransfer.sender import KVSender  # noqa: E402
-from kvtransfer.spec import KVSpec  # noqa: E402
-from kvtransfer.transport import TransferDone  # noqa: E402
+from kvtransfer.allocator import BlockAllocator
+from kvtransfer.coordinator import KVCoordinator
+from kvtransfer.nixl_transport import nixl_available
+from kvtransfer.pool import KVPool
+from kvtransfer.receiver import KVReceiver
+from kvtransfer.sender import KVSender
+from kvtransfer.spec import KVSpec
+from kvtransfer.transport import TransferDone
 
 SPEC = KVSpec(num_layers=24, num_kv_heads=2, head_dim=64, block_size=16, dtype="bfloat16")
 TOKENS = 2048
