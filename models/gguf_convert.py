@@ -18,7 +18,6 @@ atomically, so a reader never sees a half-written one. torch-free.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -29,7 +28,6 @@ from pathlib import Path
 from models.config import ModelConfig
 from models.gguf_file import INDEX_FILE, GGUFIndex, hf_config, read_gguf
 
-log = logging.getLogger("pdserve.models")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 TOKENIZER_TIMEOUT_S = 900.0
 
@@ -61,7 +59,6 @@ def convert_gguf(gguf_path: str | Path, model_dir: str | Path,
     config, generation = hf_config(metadata, index)
     ModelConfig.from_hf_dict(config, generation)  # refuse what the engine cannot serve, now
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / INDEX_FILE).unlink(missing_ok=True)  # a stale index would vouch for new files
     _write_json(model_dir / "config.json", config)
     _write_json(model_dir / "generation_config.json", generation)
     if metadata.get("tokenizer.ggml.model"):
@@ -80,8 +77,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def _convert_tokenizer(gguf_path: Path, model_dir: Path) -> None:
-    log.info("converting the tokenizer of %s with transformers (once; cached in %s)",
-             gguf_path.name, model_dir)
     print(f"pdserve: converting the tokenizer of {gguf_path.name} (once; cached in {model_dir})",
           file=sys.stderr, flush=True)
     out = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=model_dir))
