@@ -89,13 +89,13 @@ def resolve_model(spec: str | os.PathLike | None) -> Path:
     if not path.is_dir():
         raise ValueError(f"--model {spec!r} is neither a known model name "
                          f"({', '.join(MODEL_NAMES)}) nor an existing file or directory")
-    if (path / "config.json").is_file() or (path / INDEX_FILE).is_file():
+    if (path / INDEX_FILE).is_file() or any(path.glob("*.safetensors")):
         return path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) > 1:
         raise ValueError(f"{path} holds several .gguf files ({', '.join(p.name for p in ggufs)}); "
                          "pass --model with the one to serve")
-    return convert_user_gguf(ggufs[0]) if ggufs else path
+    return convert_user_gguf(ggufs[0]) if ggufs else path  # else the loader says what is missing
 
 
 def convert_user_gguf(path: Path) -> Path:
