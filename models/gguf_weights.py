@@ -66,7 +66,7 @@ class GGUFSlice:
         if len(self.shape) == 1:
             if cols != slice(None):
                 raise ValueError(f"{self.name} is 1-D; it has no columns to slice")
-            return _to_torch(self._dequantize(self.data)[rows])
+            return self.full()[rows]  # a permuted q/k bias is undone whole
         r0, r1 = _bounds(rows, self.shape[0])
         c0, c1 = _bounds(cols, self.shape[1])
         head_rows = self.shape[0] // self.num_heads if self.num_heads else 1
@@ -85,9 +85,10 @@ class GGUFSlice:
         return _to_torch(out)
 
     def _columns(self, rows: np.ndarray, c0: int, c1: int) -> np.ndarray:
-        width = self.shape[1]
-        if (c0, c1) == (0, width) or self.type_name in ("F32", "F16"):
-            return self._dequantize(rows[:, c0:c1] if self.type_name in ("F32", "F16") else rows)
+        if self.type_name in ("F32", "F16"):  # plain arrays: any columns
+            return self._dequantize(rows[:, c0:c1])
+        if (c0, c1) == (0, self.shape[1]):
+            return self._dequantize(rows)
         gguf = import_gguf()
         block, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.type_name]]
         if c0 % block or c1 % block:
