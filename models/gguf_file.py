@@ -138,16 +138,13 @@ def read_gguf(path: str | Path, recorded_file: str | None = None) -> tuple[dict,
     try:
         stat = path.stat()
         reader = gguf.GGUFReader(path)
+        metadata = {key: field.contents() for key, field in reader.fields.items()
+                    if not key.startswith("GGUF.") and key not in _SKIPPED_FIELDS}
     except OSError as e:
         raise ValueError(f"cannot read GGUF file {path}: {e.strerror or e}") from None
     except Exception as e:  # the reader raises ValueError, IndexError, struct/numpy errors
         raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is "
                          "truncated or corrupt: download or convert it again") from None
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key in _SKIPPED_FIELDS:
-            continue
-        metadata[key] = field.contents()
     tensors = []
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
