@@ -64,7 +64,8 @@ def is_gguf_model(model_dir: Path) -> bool:
         or (model_dir / "model.safetensors.index.json").is_file())
 
 
-def checkpoint_tensors(model_dir: Path, config: ModelConfig) -> Iterator[tuple[str | Path, str, str | None, object]]:
+def checkpoint_tensors(model_dir: Path,
+                       config: ModelConfig) -> Iterator[tuple[str | Path, str, str | None, object]]:
     """(file, checkpoint name, Hugging Face name or None if unknown, lazy slice) of every
     tensor in the checkpoint, safetensors or GGUF."""
     if is_gguf_model(model_dir):

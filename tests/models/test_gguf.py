@@ -81,11 +81,13 @@ def test_permutation_round_trips(tmp_path):
     assert torch.equal(q[:], torch.from_numpy(w))
     assert torch.equal(q[8:16], torch.from_numpy(w[8:16]))  # one head, undone on its own rows
     bias = rng.standard_normal(HEADS * 8).astype(np.float32)  # llama.cpp permutes q/k biases too
-    path = write_gguf(tmp_path / "b.gguf", {"blk.0.attn_q.bias": (llama_cpp_permute(bias, HEADS), "F32")})
+    path = write_gguf(tmp_path / "b.gguf",
+                      {"blk.0.attn_q.bias": (llama_cpp_permute(bias, HEADS), "F32")})
     _, index = read_gguf(path)
     b = GGUFSlice("blk.0.attn_q.bias", open_tensors(tmp_path, index)["blk.0.attn_q.bias"],
                   "F32", (HEADS * 8,), num_heads=HEADS)
-    assert torch.equal(b[:], torch.from_numpy(bias)) and torch.equal(b[8:16], torch.from_numpy(bias[8:16]))
+    assert torch.equal(b[:], torch.from_numpy(bias))
+    assert torch.equal(b[8:16], torch.from_numpy(bias[8:16]))
 
 
 def test_truncated_file_is_a_clear_error(tmp_path):
