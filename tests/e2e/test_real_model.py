@@ -130,6 +130,9 @@ def test_greedy_chats_equal_transformers(shape, model_dir, reference, tmp_path):
             if shape == "colocated":  # the blocking client and the command line chat too
                 capital = client.chat_complete("What is the capital of France?", temperature=0)
                 assert capital.token_ids == reference["outputs"][0]
+                chunks = list(client.chat(CAPITAL, temperature=0))
+                assert [t for c in chunks for t in c.token_ids] == reference["outputs"][0]
+                assert "".join(c.text for c in chunks) == capital.text
         if shape == "colocated":
             out = subprocess.run([sys.executable, "-m", "router.cli", "generate", "--endpoint", ep,
                                   "--chat", "What is the capital of France?", "--temperature", "0"],
