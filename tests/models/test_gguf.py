@@ -130,3 +130,46 @@ def test_unsupported_type_is_named(tmp_path):
         index.check_types()
     with pytest.raises(ValueError, match="TQ1_0"):
         convert_gguf(path, tmp_path / "converted")
+
+
+@pytest.mark.parametrize("rank", range(3))
+def test_each_tp_rank_loads_from_gguf_what_it_loads_from_the_full_tensor(tmp_path, rank):
+    """Every kind of TP layer, given GGUF slices (Q8_0 and Q4_K, q/k permuted, 9 heads over 3
+    kv heads as in SmolLM2), holds what it holds when given the dequantized full tensors."""
+    from models.embedding import VocabParallelEmbedding
+    from models.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+    from models.parallel import ParallelContext
+
+    rng = np.random.default_rng(2)
+    heads, kv_heads, head_dim, hidden = 9, 3, 32, 256
+    shapes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
+              "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, heads * head_dim),
+              "ffn_gate": (96, hidden), "ffn_down": (hidden, 768), "token_embd": (50, hidden)}
+    types = {"attn_output": "Q8_0", "ffn_down": "Q4_K"}  # row-parallel: 3-way column splits
+    tensors = {f"{name}.weight": (rng.standard_normal(shape).astype(np.float32),
+                                  types.get(name, "Q8_0")) for name, shape in shapes.items()}
+    path = write_gguf(tmp_path / "tp.gguf", tensors)
+    _, index = read_gguf(path)
+    views = open_tensors(tmp_path, index)
+    permuted = {"attn_q": heads, "attn_k": kv_heads}
+
+    def gguf(name):
+        info = next(t for t in index.tensors if t.name == f"{name}.weight")
+        return GGUFSlice(info.name, views[info.name], info.type_name, info.shape,
+                         permuted.get(name))
+
+    ctx = ParallelContext(rank=rank, world_size=3)
+    layers = [(QKVParallelLinear(hidden, head_dim, heads, kv_heads, ctx=ctx),
+               [("attn_q", "q"), ("attn_k", "k"), ("attn_v", "v")]),
+              (RowParallelLinear(heads * head_dim, hidden, ctx=ctx), [("attn_output", None)]),
+              (MergedColumnParallelLinear(hidden, [96, 96], ctx=ctx),
+               [("ffn_gate", 0), ("ffn_gate", 1)]),
+              (RowParallelLinear(768, hidden, ctx=ctx), [("ffn_down", None)]),
+              (VocabParallelEmbedding(50, hidden, ctx), [("token_embd", None)])]
+    for layer, parts in layers:
+        from_full = torch.empty_like(layer.weight)
+        for name, shard in parts:
+            layer.weight_loader(layer.weight, gguf(name), shard)  # this rank's slice only
+            layer.weight_loader(from_full, gguf(name).full(), shard)
+        assert from_full.abs().sum() > 0
+        torch.testing.assert_close(layer.weight.detach(), from_full, rtol=0, atol=0)
