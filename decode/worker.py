@@ -22,6 +22,7 @@ from worker.step_loop import StepWorker
 from worker.tp_group import TPGroup, follow_plans
 
 log = logging.getLogger("pdserve.decode")
+RESERVATION_START_TIMEOUT_S = 600.0
 
 
 def rank_main(ctx: ParallelContext, options: dict) -> None:
@@ -51,8 +52,10 @@ class DecodeWorker(StepWorker):
         if opts.role == "decode":
             from decode.kv_receive import coordinator_endpoint, make_receiver
             from kvtransfer.coordinator import KVCoordinator
+            # Time queued for prefill must not expire a reservation: its timeout runs from the
+            # writer's start; a writer that dies first is reported (PeerDead) long before this.
             self.coordinator = KVCoordinator(self.engine.allocator, endpoint=coordinator_endpoint(opts),
-                                             tp_size=ctx.world_size)
+                                             tp_size=ctx.world_size, start_timeout_s=RESERVATION_START_TIMEOUT_S)
             self.receiver = make_receiver(opts, runner, ctx)
             self.coordinator.wait_ready()
         self.num_tokens_messages = 0   # Tokens.step: counts the messages, not the model steps
@@ -171,7 +174,12 @@ class DecodeWorker(StepWorker):
         return worker_info(self.opts, self.engine.runner, transports)
 
     def background_tasks(self) -> list:
-        return [self.kv_events()] if self.coordinator is not None else []
+        return {"the KV event listener": self.kv_events()} if self.coordinator is not None else {}
+
+    def thread_health(self) -> str | None:
+        if self.receiver is not None and not self.receiver.is_alive():
+            return "the KV receiver thread stopped"
+        return None
 
     def kv_stats(self) -> dict:
         if self.coordinator is None:

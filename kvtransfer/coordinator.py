@@ -31,7 +31,7 @@ from kvtransfer.wire import WireError, pack, unpack
 
 logger = logging.getLogger(__name__)
 
-RANK_KINDS = frozenset({"hello", "rank_done", "rank_failed", "released"})
+RANK_KINDS = frozenset({"hello", "rank_started", "rank_done", "rank_failed", "released"})
 
 
 @dataclass
@@ -47,11 +47,15 @@ class KVCoordinator:
 
     def __init__(self, allocator: BlockAllocator, *, endpoint: str, tp_size: int = 1,
                  default_transport: str = "zmq", reserve_timeout_s: float = 30.0,
-                 quarantine_timeout_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+                 quarantine_timeout_s: float = 60.0, start_timeout_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if tp_size <= 0:
             raise ValueError(f"tp_size must be positive, got {tp_size}")
+        # A reservation's timeout runs from its writer's start; before that it is bounded by
+        # the writer's liveness (PeerDead) and start_timeout_s (None: the same timeout).
         self.table = ReservationTable(allocator, reserve_timeout_s=reserve_timeout_s,
-                                      quarantine_timeout_s=quarantine_timeout_s, clock=clock)
+                                      quarantine_timeout_s=quarantine_timeout_s,
+                                      start_timeout_s=start_timeout_s, clock=clock)
         self.tp_size = tp_size
         self.default_transport = default_transport
         self._clock = clock
@@ -210,7 +214,9 @@ class KVCoordinator:
         progress = self._progress.get(tid)
         if progress is None:
             return
-        if kind == "rank_failed":
+        if kind == "rank_started":
+            self.table.writer_started(tid)
+        elif kind == "rank_failed":
             self._fail(tid, msg["reason"], writer_dead=msg.get("writer_dead", False))
         elif kind == "rank_done" and self.table.is_live(tid):
             progress.done.add(rank)

@@ -2,7 +2,8 @@
 
 The receiver's thread owns two sockets: a ROUTER at ``endpoint`` where prefill ranks send data
 and notices (and ask for NIXL metadata), and a DEALER to the coordinator, which sends
-``open``/``close``/``dead`` and receives ``hello``/``rank_done``/``rank_failed``/``released``.
+``open``/``close``/``dead`` and receives ``hello``/``rank_started``/``rank_done``/``rank_failed``/
+``released``.
 With nixl enabled it also drains the NIXL agent's notifications.
 
 Per transfer id the rank is in one of three places: open (accepting data), closing (closed, but
@@ -66,6 +67,7 @@ class _RankTransfer:
     writes_landed: dict[int, int] = field(default_factory=dict)
     first: tuple[int, float] | None = None
     writer_gone: bool = False  # dead, or the whole prefill group declined
+    start_reported: bool = False  # the coordinator knows a writer began (its timeout runs)
 
     def __post_init__(self) -> None:
         self.blocks = frozenset(self.block_ids)
@@ -127,6 +129,10 @@ class KVReceiver:
         """Bytes landed here (zmq), dropped stale/malformed messages, parked messages, and
         transfers done, failed, open and closing on this rank."""
         return {**self._stats, "open": len(self._open), "closing": len(self._closing)}
+
+    def is_alive(self) -> bool:
+        """Whether the receiver thread still runs (it stops only on ``close``)."""
+        return self._thread.is_alive()
 
     def close(self) -> None:
         self._stop.set()
@@ -291,6 +297,9 @@ class KVReceiver:
                 return
             self._stats["bytes_landed"] += land_layer(self.pool, msg, frames, t.blocks)
         t.writer, t.p_tp, t.expected = t.writer or msg["s"], msg["pt"], expected
+        if kind == "start" and tid in self._open and not t.start_reported:
+            t.start_reported = True
+            self._report("rank_started", x=tid, rank=self.rank)
         if kind == "done":
             t.done.add(p)
             t.ended.add(p)

@@ -13,7 +13,10 @@ Invariants:
   every writer that could still write into them is known finished or dead, so a late direct
   write (shm, RDMA) can never land in another request's blocks; the quarantine timeout is the
   last resort when no such news ever comes;
-- the table never reserves more blocks than are free: ``reserve`` returns None instead.
+- the table never reserves more blocks than are free: ``reserve`` returns None instead;
+- a live reservation's timeout counts from when its writer starts (``writer_started``), so time
+  spent queued for prefill never expires it; until then it waits at most ``start_timeout_s``
+  (its writer's death and the router's loss release it sooner).
 
 Not thread-safe, like the ``BlockAllocator`` it draws from: one owner thread does every call.
 """
@@ -36,8 +39,10 @@ class _Reservation:
     block_ids: list[int]
     writer: str | None
     deadline: float  # live: expiry; quarantined: forced release
+    timeout_s: float  # live, once its writer started
     quarantined: bool = False
     writer_done: bool = False
+    writer_started: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,12 +73,15 @@ class ReservationTable:
     """Reservations of blocks for incoming KV transfers, over one ``BlockAllocator``."""
 
     def __init__(self, allocator: BlockAllocator, *, reserve_timeout_s: float = 30.0,
-                 quarantine_timeout_s: float = 60.0, history: int = 65536,
-                 clock: Callable[[], float] = time.monotonic):
+                 quarantine_timeout_s: float = 60.0, start_timeout_s: float | None = None,
+                 history: int = 65536, clock: Callable[[], float] = time.monotonic):
         if reserve_timeout_s <= 0 or quarantine_timeout_s <= 0:
             raise ValueError("reserve_timeout_s and quarantine_timeout_s must be positive")
+        if start_timeout_s is not None and start_timeout_s <= 0:
+            raise ValueError("start_timeout_s must be positive (or None: the reservation's timeout)")
         self.allocator = allocator
         self.reserve_timeout_s = reserve_timeout_s
+        self.start_timeout_s = start_timeout_s
         self.quarantine_timeout_s = quarantine_timeout_s
         self._clock = clock
         self._entries: dict[str, _Reservation] = {}
@@ -122,7 +130,7 @@ class ReservationTable:
         """Reserve blocks for ``num_tokens`` tokens; None when they are not free right now.
 
         ``writer`` names the prefill worker that will write, if known; ``timeout_s`` overrides
-        the table's expiry for this reservation. Raises ValueError for a bad token count or
+        the table's expiry for this reservation, counted from when its writer starts. Raises ValueError for a bad token count or
         timeout, or a transfer id that was already used.
         """
         timeout_s = self.reserve_timeout_s if timeout_s is None else timeout_s
@@ -138,7 +146,8 @@ class ReservationTable:
         if not self.allocator.can_allocate(num_blocks):
             return None
         block_ids = self.allocator.allocate(num_blocks)
-        self._entries[transfer_id] = _Reservation(block_ids, writer, self._clock() + timeout_s)
+        wait = timeout_s if self.start_timeout_s is None else max(self.start_timeout_s, timeout_s)
+        self._entries[transfer_id] = _Reservation(block_ids, writer, self._clock() + wait, timeout_s)
         return list(block_ids)
 
     def complete(self, transfer_id: str) -> list[int]:
@@ -151,6 +160,16 @@ class ReservationTable:
         entry = self._entries.pop(transfer_id)
         self._remember(transfer_id)
         return entry.block_ids
+
+    def writer_started(self, transfer_id: str) -> bool:
+        """The writer began writing: the reservation's timeout counts from now. Only the first
+        call counts; returns False (and changes nothing) if the id is not live."""
+        entry = self._entries.get(transfer_id)
+        if entry is None or entry.quarantined or entry.writer_started:
+            return False
+        entry.writer_started = True
+        entry.deadline = self._clock() + entry.timeout_s
+        return True
 
     def abort(self, transfer_id: str) -> bool:
         """Stop a live reservation. Its blocks are quarantined, or freed at once if its writer

@@ -227,7 +227,9 @@ class KVSender:
             if not self._notify(dest.ranks[s.d_rank], start):
                 raise TransferError(f"decode rank {s.d_rank} is unreachable")
 
-    def _send_layers(self, flight: _Flight, layers: range, first: int, last: int) -> None:
+    def _send_layers(self, flight: _Flight, layers: range, first: int, last: int, ready=None) -> None:
+        if ready is not None:
+            ready.synchronize()   # the layer's K/V writes on the GPU are done: the blocks are final
         transfer = flight.transfer
         dest = transfer.dest
         src_ids = transfer.block_ids[first:last]

@@ -28,11 +28,14 @@ class KVTransfer:
         self._state = "open"  # open -> finished | aborted (caller side)
         self.cancelled = False  # set on abort or failure: the sender thread drops queued work
 
-    def send_layer(self, layer_idx: int, start: int = 0, stop: int | None = None) -> None:
+    def send_layer(self, layer_idx: int, start: int = 0, stop: int | None = None, *,
+                   ready=None) -> None:
         """Queue layer ``layer_idx``'s K/V of tokens ``[start, stop)`` (default: all tokens).
 
         Call it from ``on_layer_done``; for a chunked prefill pass the chunk's token range so
-        only the blocks that chunk filled are sent. Ignored after ``abort``.
+        only the blocks that chunk filled are sent. ``ready``: on a GPU, a CUDA event recorded
+        after the layer's K/V writes were queued; the sender thread waits on it before reading
+        the blocks (the hook runs when the writes are queued, not done). Ignored after ``abort``.
         """
         if self._state == "aborted":
             return
@@ -41,7 +44,7 @@ class KVTransfer:
         num_layers = self._sender.pool.spec.num_layers
         if not 0 <= layer_idx < num_layers:
             raise ValueError(f"layer {layer_idx} is outside the model's {num_layers} layers")
-        self._queue_layers(range(layer_idx, layer_idx + 1), start, stop)
+        self._queue_layers(range(layer_idx, layer_idx + 1), start, stop, ready)
 
     def send_all(self, start: int = 0, stop: int | None = None) -> None:
         """Queue every layer of tokens ``[start, stop)`` at once (prefix-cache hits, or sending
@@ -52,12 +55,12 @@ class KVTransfer:
             raise RuntimeError(f"transfer {self.transfer_id} is finished; no more layers can be sent")
         self._queue_layers(range(self._sender.pool.spec.num_layers), start, stop)
 
-    def _queue_layers(self, layers: range, start: int, stop: int | None) -> None:
+    def _queue_layers(self, layers: range, start: int, stop: int | None, ready=None) -> None:
         stop = self.num_tokens if stop is None else stop
         if stop > self.num_tokens:
             raise ValueError(f"token range ends at {stop}, past the transfer's {self.num_tokens} tokens")
         first, last = block_span(start, stop, self._sender.pool.spec.block_size)
-        self._sender._put(("layers", self, layers, first, last))
+        self._sender._put(("layers", self, layers, first, last, ready))
 
     def finish(self, first_token_id: int, first_logprob: float) -> None:
         """Every layer was sent: tell the decode side, with the first sampled token."""

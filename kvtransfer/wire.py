@@ -30,6 +30,7 @@ SCHEMAS: dict[str, tuple[dict, dict]] = {
     "close": ({"x": _STR, "writer_dead": _BOOL}, {}),
     "dead": ({"s": _STR}, {}),
     "hello": ({"rank": _INT, "entry": _DICT}, {}),
+    "rank_started": ({"x": _STR, "rank": _INT}, {}),
     "rank_done": ({"x": _STR, "rank": _INT}, {"tok": _INT, "lp": _NUM}),
     "rank_failed": ({"x": _STR, "rank": _INT, "reason": _STR}, {"writer_dead": _BOOL}),
     "released": ({"x": _STR, "rank": _INT}, {}),

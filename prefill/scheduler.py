@@ -17,8 +17,22 @@ from models.request_options import StopRules
 from models.sampler import SamplingParams
 
 
+TRANSFER_NONE = "none"          # no rank has begun sending
+TRANSFER_OPEN = "open"          # begun; every rank is sending or will finish/abort it
+TRANSFER_SETTLED = "settled"    # rank 0's transfer let go of the source blocks (done or failed)
+
+
 @dataclass
 class PrefillRequest:
+    """One request on a prefill worker: the one record of its state, owned by the event loop.
+
+    ``in_flight``: a chunk of it is in the step on the model thread. ``transfer``: TRANSFER_*.
+    ``cancelled``: the router freed it (nothing more is sent for it). ``transfer_error``: why
+    its transfer failed. ``answered``: its
+    ``FirstToken`` or ``WorkerError`` was sent. ``first``: the first token and finish reason,
+    once the last chunk ran. Its blocks are released once no step and no transfer uses them and
+    it is answered or cancelled (``PrefillEngine._settle_record``).
+    """
     rid: str
     transfer_id: str
     token_ids: list[int]
@@ -30,6 +44,12 @@ class PrefillRequest:
     num_prefix_hit: int = 0      # of which came from the prefix cache
     arrival: float = field(default_factory=time.monotonic)
     stop: StopRules | None = None   # decides whether the first token already ends it
+    in_flight: bool = False
+    transfer: str = TRANSFER_NONE
+    cancelled: bool = False
+    answered: bool = False
+    first: tuple | None = None      # (SampleResult, finish reason | None)
+    transfer_error: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +123,7 @@ class PrefillScheduler:
         """Record that a chunk ran; a request whose prompt is done leaves the queue.
 
         Its blocks stay allocated (the transfer may still be reading them) until ``release``.
+        Only for a request still waiting (the engine never completes a cancelled one).
         """
         request = chunk.request
         request.num_computed = chunk.end
@@ -110,16 +131,22 @@ class PrefillScheduler:
             self.waiting.remove(request)
             self.allocator.cache_blocks(request.block_ids, request.token_ids)
 
+    def remove_waiting(self, request: PrefillRequest) -> None:
+        """Take a request out of the queue (cancel, failure); no-op if it is not there."""
+        if request in self.waiting:
+            self.waiting.remove(request)
+
     def release(self, request: PrefillRequest) -> None:
-        """Free the request's local blocks (cached prefix blocks stay matchable)."""
+        """Forget the request and free its local blocks (cached prefix blocks stay matchable).
+        Idempotent."""
         self.by_rid.pop(request.rid, None)
         if request.block_ids:
             self.allocator.free(request.block_ids)
             request.block_ids = []
 
     def abort(self, rid: str) -> PrefillRequest | None:
-        """Drop a request wherever it is; its blocks are freed by the caller via ``release``."""
+        """Drop a request from the queue; its blocks are freed by the caller via ``release``."""
         request = self.by_rid.get(rid)
-        if request is not None and request in self.waiting:
-            self.waiting.remove(request)
+        if request is not None:
+            self.remove_waiting(request)
         return request

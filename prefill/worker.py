@@ -8,11 +8,12 @@ push their own kv-head shard of every layer.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from models.parallel import ParallelContext
 from models.request_options import RequestOptions
-from prefill.engine import PrefillEngine, RankTransfers, run_prefill_plan
+from prefill.engine import Answer, PrefillEngine, RankTransfers, run_prefill_plan
 from router import protocol as P
 from worker.options import WorkerOptions
 from worker.process import run_worker
@@ -63,21 +64,38 @@ class PrefillWorker(StepWorker):
                 return
             self.wake.set()
         elif isinstance(msg, P.Free):
-            self.engine.abort(msg.rid)
+            self.publish(self.engine.abort(msg.rid))
             self.wake.set()
 
     def on_router_lost(self) -> None:
         for rid in list(self.engine.scheduler.by_rid):
-            self.engine.abort(rid)
+            self.publish(self.engine.abort(rid))
         self.wake.set()
 
-    def publish(self, applied) -> None:
-        finished, failed = applied
-        for request, result, reason in finished:
-            self.link.send(P.FirstToken(request.rid, request.transfer_id, result.token_id,
-                                        result.logprob, reason))
-        for request, error in failed:
-            self.link.send(P.WorkerError(request.rid, request.transfer_id, error))
+    def publish(self, answers: list[Answer]) -> None:
+        for answer in answers:
+            request = answer.request
+            if answer.error is None:
+                self.link.send(P.FirstToken(request.rid, request.transfer_id, answer.result.token_id,
+                                            answer.result.logprob, answer.finish_reason))
+            else:
+                self.link.send(P.WorkerError(request.rid, request.transfer_id, answer.error))
+
+    def after_step(self, output: dict) -> None:
+        # Rank 0's transfers resolve on the sender thread; their outcome is booked on the loop.
+        loop = asyncio.get_running_loop()
+
+        def notify(future, transfer_id: str) -> None:
+            if not loop.is_closed():      # after shutdown nobody is left to tell
+                loop.call_soon_threadsafe(self._transfer_settled, transfer_id, future)
+
+        for transfer_id, future in output["started"].items():
+            future.add_done_callback(lambda fut, tid=transfer_id: notify(fut, tid))
+
+    def _transfer_settled(self, transfer_id: str, future) -> None:
+        error = future.exception()
+        self.publish(self.engine.settle(transfer_id, None if error is None else str(error)))
+        self.wake.set()   # its blocks may be free now
 
     def kv_stats(self) -> dict:
         return self.transfers.sender.stats()

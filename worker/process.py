@@ -1,6 +1,11 @@
 """A worker process: ``run_worker`` spawns the TP group, builds rank 0's shard, connects to the
 router, and runs the role's ``StepWorker`` on a uvloop event loop until SIGINT/SIGTERM or a
 router ``Shutdown``.
+
+Crash = exit: an exception escaping the step loop (the model thread's included), the router
+link or a background task, a TP rank that exits, or a KV thread that stops ends the process with
+exit code 1 and one line on stderr saying why. A worker never lingers alive but useless; its
+supervisor restarts it and the router fails its requests over.
 """
 from __future__ import annotations
 
@@ -16,12 +21,18 @@ from worker.runner import build_runner
 from worker.tp_group import TPGroup
 
 log = logging.getLogger("pdserve.worker")
+EXIT_CONFIG = 2     # a configuration error, before serving
+EXIT_CRASH = 1      # something failed while serving
+
+
+class WorkerCrashed(RuntimeError):
+    """Why a serving worker must exit (one line)."""
 
 
 def run_worker(opts: WorkerOptions, worker_cls, rank_main) -> int:
     """Run one worker until it is told to stop. ``worker_cls(opts, ctx, runner, group)`` is the
     role's ``StepWorker``; ``rank_main(ctx, options)`` runs on TP ranks 1..K-1. Returns the exit
-    code (2 for a configuration error, printed as one line)."""
+    code: 0 after a clean stop, EXIT_CONFIG or EXIT_CRASH with one line on stderr."""
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG", "INFO"),
                         format=f"%(asctime)s {opts.role}[{opts.worker_id[-6:]}] %(levelname)s %(message)s")
     group = TPGroup(opts.tp, rank_main, dataclasses.asdict(opts))
@@ -31,18 +42,32 @@ def run_worker(opts: WorkerOptions, worker_cls, rank_main) -> int:
         worker = worker_cls(opts, ctx, build_runner(opts, ctx), group)
         try:
             import uvloop
-            uvloop.run(_serve(worker, opts))
+            run = uvloop.run
         except ImportError:
-            asyncio.run(_serve(worker, opts))
-        return 0
+            run = asyncio.run
+        run(_serve(worker, opts))
+    except WorkerCrashed as exc:
+        print(f"pdserve worker {opts.worker_id} exits: {exc}", file=sys.stderr, flush=True)
+        try:
+            worker.close(wait=False)   # the model thread may be stuck: do not wait for it
+        finally:
+            logging.shutdown()
+            os._exit(EXIT_CRASH)      # no stuck thread may keep a crashed worker alive
     except ValueError as exc:
         print(f"pdserve worker: {exc}", file=sys.stderr)
-        return 2
-    finally:
         if worker is not None:
             worker.close()
         else:
             group.stop(None)
+        return EXIT_CONFIG
+    except BaseException:
+        if worker is not None:
+            worker.close(wait=False)
+        else:
+            group.stop(None)
+        raise
+    worker.close()
+    return 0
 
 
 async def _serve(worker, opts: WorkerOptions) -> None:
@@ -68,13 +93,28 @@ async def _serve(worker, opts: WorkerOptions) -> None:
                 return
             worker.handle(msg)
 
-    tasks = [asyncio.create_task(receive()), asyncio.create_task(worker.step_loop())]
-    tasks += [asyncio.create_task(t) for t in worker.background_tasks()]
+    async def watch_health() -> None:
+        while True:
+            await asyncio.sleep(opts.heartbeat_s)
+            reason = worker.health()
+            if reason is not None:
+                raise WorkerCrashed(reason)
+
+    tasks = {"the router link": receive(), "the step loop": worker.step_loop(),
+             "the health watch": watch_health()}
+    tasks.update(worker.background_tasks())
+    running = {asyncio.create_task(coro): name for name, coro in tasks.items()}
     waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in (waiter, *tasks):
+    done, _ = await asyncio.wait([waiter, *running], return_when=asyncio.FIRST_COMPLETED)
+    for task in (waiter, *running):
         task.cancel()
-    for task in done:
-        if task is not waiter and not task.cancelled() and task.exception() is not None:
-            log.error("worker task failed", exc_info=task.exception())
     await link.close()
+    for task in done:
+        if task is waiter or task.cancelled() or task.exception() is None:
+            continue
+        exc = task.exception()
+        if not isinstance(exc, WorkerCrashed):
+            log.error("%s failed", running[task], exc_info=exc)
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise WorkerCrashed(f"{running[task]} failed: {reason}" if not isinstance(exc, WorkerCrashed)
+                            else reason)

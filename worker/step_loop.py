@@ -54,13 +54,17 @@ class StepWorker:
             output = await loop.run_in_executor(self.model_thread, self._execute, plan)
             self.num_steps += 1
             self.publish(self.engine.apply(output))
+            self.after_step(output)
 
     def publish(self, applied) -> None:
         raise NotImplementedError
 
-    def background_tasks(self) -> list:
-        """Coroutines that run beside the step loop (e.g. a KV event listener)."""
-        return []
+    def after_step(self, output) -> None:
+        """Called with each step's raw output once it is applied and published."""
+
+    def background_tasks(self) -> dict:
+        """Coroutines that run beside the step loop, by name (e.g. a KV event listener)."""
+        return {}
 
     def thread_health(self) -> str | None:
         """None when the role's own threads are fine, else a one-line reason."""
@@ -85,8 +89,10 @@ class StepWorker:
     def close_transport(self) -> None:
         """Release the role's KV transport end (before the TP group and the pool go)."""
 
-    def close(self) -> None:
-        self.model_thread.shutdown(wait=True)
+    def close(self, wait: bool = True) -> None:
+        """Stop the model thread (``wait=False`` after a crash: it may be stuck) and release
+        the transport, the TP group and the pool."""
+        self.model_thread.shutdown(wait=wait, cancel_futures=True)
         self.close_transport()
         self.group.stop(self.ctx)
         self.engine.runner.close()

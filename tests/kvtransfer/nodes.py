@@ -78,6 +78,10 @@ class DecodeNode:
     def reserve(self, transfer_id: str, num_tokens: int, **kwargs) -> dict | None:
         return self.coord.reserve(transfer_id, num_tokens, **kwargs)
 
+    def set_start_timeout(self, seconds: float | None) -> None:
+        """How long reservations wait for their writer to start (None: their own timeout)."""
+        self.coord.table.start_timeout_s = seconds
+
     def events(self, timeout_s: float = 10.0, use_async: bool = False) -> list[tuple]:
         if use_async:
             events = asyncio.run(self.coord.wait_events(timeout_s))

@@ -93,3 +93,20 @@ def test_expiry_quarantines_then_the_quarantine_timeout_releases(table, clock):
     assert (expiry.expired, expiry.released) == ([], ["a"])
     assert table.stats().num_forced_releases == 1 and table.allocator.num_free_blocks == 7
     assert table.is_live("b")
+
+
+def test_the_timeout_counts_from_when_the_writer_starts(clock):
+    table = ReservationTable(BlockAllocator(8, 4), reserve_timeout_s=10, quarantine_timeout_s=20,
+                             start_timeout_s=100, clock=clock)
+    table.reserve("a", 4)
+    assert table.next_deadline() == 200          # queued for prefill: only the start bound runs
+    clock.now = 150
+    assert table.writer_started("a") and table.next_deadline() == 160
+    clock.now = 155
+    assert not table.writer_started("a")         # only the first start counts
+    assert table.expire().expired == [] and table.next_deadline() == 160
+    clock.now = 160
+    assert table.expire().expired == ["a"]
+    assert not table.writer_started("a")         # not live any more
+    with pytest.raises(ValueError, match="start_timeout_s"):
+        ReservationTable(BlockAllocator(8, 4), start_timeout_s=0)

@@ -206,6 +206,22 @@ def test_reservation_expires_and_its_late_writer_cannot_land(transport, decode, 
     np.testing.assert_array_equal(decode.call("pool_bits"), before)
 
 
+def test_the_reservation_timeout_runs_from_the_writer_start(decode, prefill):
+    """Time queued for prefill does not count: a reservation older than its timeout lands
+    once its writer starts (the receiver reports the start to the coordinator)."""
+    tid = "late-start"
+    decode.call("set_start_timeout", 60.0)
+    try:
+        dest = decode.call("reserve", tid, 12, transport="zmq", writer="P-main", timeout_s=2.0)
+        assert decode.call("events", 3.0) == []      # 3 s queued for prefill: not expired
+        assert send_whole(prefill, dest, [9, 10, 11]) is None
+        (event,) = decode.call("events", 10.0)
+        assert event[:2] == ("done", tid)
+        decode.call("free", event[2])
+    finally:
+        decode.call("set_start_timeout", None)
+
+
 @pytest.mark.parametrize("writer_named", [True, False], ids=["writer-named", "writer-learned"])
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_killed_sender_leaks_and_corrupts_nothing(transport, writer_named, decode, prefill):
