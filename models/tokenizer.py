@@ -104,9 +104,8 @@ class Tokenizer:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of ``text``, with bos prepended if the model expects it. A prompt rendered
-        by a chat template already holds its special tokens: encode it with
-        ``add_special_tokens=False`` (as transformers' ``apply_chat_template`` does)."""
+        """Token ids of ``text``, with bos prepended if the model expects it and
+        ``add_special_tokens`` (False for text a chat template rendered: it has its own)."""
         if not isinstance(text, str):
             raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
         if not add_special_tokens:
