@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from models.tokenizer import NoTokenizer, Tokenizer
-from router.chat_template import ChatTemplate, ChatTemplateError
+
+if TYPE_CHECKING:
+    from router.chat_template import ChatTemplate
 
 log = logging.getLogger("pdserve.router")
+_NOT_LOADED = object()
 
 
 def load_tokenizer(model_dir: str | None) -> Tokenizer | None:
@@ -26,13 +30,6 @@ def load_tokenizer(model_dir: str | None) -> Tokenizer | None:
         return None
 
 
-def load_chat_template(model_dir: str | None) -> ChatTemplate | None:
-    """The model's chat template, or None if it has none. Raises ChatTemplateError."""
-    if not model_dir or not os.path.isdir(model_dir):
-        return None
-    return ChatTemplate.from_model_dir(model_dir)
-
-
 @dataclass
 class ModelInfo:
     """Limits the router validates requests against."""
@@ -43,7 +40,19 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: tuple[int, ...]
     tokenizer: Tokenizer | None
-    chat_template: ChatTemplate | None = None
+    model_dir: str | None = None  # where the chat template is read from (None: no chats)
+    _chat_template: Any = field(default=_NOT_LOADED, repr=False, compare=False)
+
+    def chat_template(self) -> "ChatTemplate | None":
+        """The model's chat template, read on the first chat (so a router that never sees one
+        never loads jinja2); None if the model has none. Raises ChatTemplateError."""
+        if self._chat_template is _NOT_LOADED:
+            from router.chat_template import ChatTemplate
+
+            model_dir = self.model_dir
+            self._chat_template = (ChatTemplate.from_model_dir(model_dir)
+                                   if model_dir and os.path.isdir(model_dir) else None)
+        return self._chat_template
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelInfo":
@@ -56,7 +65,7 @@ class ModelInfo:
         return cls(name=os.path.basename(os.path.normpath(model_dir)),
                    fingerprint=model_fingerprint(model_dir), vocab_size=config.vocab_size,
                    max_model_len=config.max_position_embeddings, eos_token_ids=tuple(eos),
-                   tokenizer=tokenizer, chat_template=load_chat_template(model_dir))
+                   tokenizer=tokenizer, model_dir=model_dir)
 
     @classmethod
     def from_worker(cls, info: dict) -> "ModelInfo":
@@ -65,13 +74,7 @@ class ModelInfo:
         if tokenizer is None and info.get("model_dir"):
             log.info("no tokenizer readable at %s: the router accepts token-id prompts only",
                      info["model_dir"])
-        try:
-            template = load_chat_template(info.get("model_dir")) if tokenizer else None
-        except ChatTemplateError as exc:
-            log.warning("the chat template at %s is unusable, chat requests will be refused: %s",
-                        info.get("model_dir"), exc)
-            template = None
         return cls(name=str(info.get("model") or "model"), fingerprint=info["fingerprint"],
                    vocab_size=info["vocab_size"], max_model_len=info["max_model_len"],
                    eos_token_ids=tuple(info.get("eos_token_ids") or ()), tokenizer=tokenizer,
-                   chat_template=template)
+                   model_dir=info.get("model_dir") if tokenizer else None)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from models.request_options import RequestOptions, is_int, is_number
 from router import protocol as P
-from router.chat_template import ChatTemplateError
 from router.model_info import ModelInfo
 
 PARAM_NAMES = (*RequestOptions.__dataclass_fields__, "stop")
@@ -104,14 +103,21 @@ def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[i
 
 def render_chat(messages: list, model: ModelInfo) -> str:
     """The prompt text of a chat, rendered with the model's chat template."""
-    if model.chat_template is None:
+    from router.chat_template import ChatTemplateError  # jinja2 only once a chat arrives
+
+    try:
+        template = model.chat_template()
+    except ChatTemplateError as exc:
+        raise InvalidRequest(f"model {model.name} has an unusable chat template ({exc}); send a "
+                             "prompt (text) or prompt_token_ids instead of messages") from None
+    if template is None:
         raise InvalidRequest(f"model {model.name} has no chat template; send a prompt (text) or "
                              "prompt_token_ids instead of messages")
     if len(messages) > MAX_MESSAGES:
         raise InvalidRequest(f"a chat may hold at most {MAX_MESSAGES} messages, "
                              f"got {len(messages)}")
     try:
-        return model.chat_template.render(messages, add_generation_prompt=True)
+        return template.render(messages, add_generation_prompt=True)
     except ChatTemplateError as exc:
         raise InvalidRequest(f"cannot render the chat: {exc}") from None
 
