@@ -54,10 +54,12 @@ def validate_rid(rid) -> None:
         raise InvalidRequest(f"rid must be a non-empty string of at most {MAX_RID_CHARS} characters")
 
 
-def validate_generate(msg: P.Generate, model: ModelInfo, max_model_len: int) -> RequestSpec:
-    """Check a Generate against the model; tokenize a text prompt. Raises InvalidRequest."""
+def validate_generate(msg: P.Generate, model: ModelInfo, max_model_len: int,
+                      encoded: list[int] | None = None) -> RequestSpec:
+    """Check a Generate against the model; tokenize a text prompt (unless ``encoded`` holds its
+    token ids already, tokenized off the loop by router/tokenizing.py). Raises InvalidRequest."""
     validate_rid(msg.rid)
-    prompt_ids = _prompt_ids(msg, model, max_model_len)
+    prompt_ids = _prompt_ids(msg, model, max_model_len, encoded)
     options, stop = _params(msg.params, model)
     stream = msg.stream
     if not isinstance(stream, bool):
@@ -77,17 +79,41 @@ def _too_long(num_tokens: int, max_model_len: int) -> InvalidRequest:
                           f"{max_model_len} (prompt and output together); shorten the prompt")
 
 
-def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[int]:
-    given = sum(x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.messages))
-    if given != 1:
+def check_text_prompt(msg: P.Generate, model: ModelInfo, max_model_len: int) -> None:
+    """The checks on a text prompt that come before tokenizing it. Raises InvalidRequest."""
+    if sum(x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.messages)) != 1:
         raise InvalidRequest("give exactly one of prompt (text), prompt_token_ids and "
                              "messages (chat)")
+    if msg.prompt is None:
+        return
+    if not msg.prompt:
+        raise InvalidRequest("the prompt is empty; send at least one character")
+    _check_text(msg.prompt, "the prompt", model, max_model_len)
+
+
+def _check_text(text: str, what: str, model: ModelInfo, max_model_len: int) -> None:
+    # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
+    max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
+    if len(text) > max_chars:
+        raise InvalidRequest(f"{what} has {len(text)} characters, far more than the "
+                             f"max model length of {max_model_len} tokens; shorten {what}")
+    if model.tokenizer is None:
+        raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
+                             "instead of text")
+
+
+def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int,
+                encoded: list[int] | None) -> list[int]:
+    check_text_prompt(msg, model, max_model_len)
     if msg.messages is not None:
-        return _text_ids(render_chat(msg.messages, model), model, max_model_len, chat=True)
+        text = render_chat(msg.messages, model)
+        _check_text(text, "the chat", model, max_model_len)
+        # A rendered chat holds its own special tokens (as in transformers' apply_chat_template).
+        return _encoded(model.tokenizer.encode(text, add_special_tokens=False), "the chat",
+                        max_model_len)
     if msg.prompt is not None:
-        if not msg.prompt:
-            raise InvalidRequest("the prompt is empty; send at least one character")
-        return _text_ids(msg.prompt, model, max_model_len, chat=False)
+        ids = encoded if encoded is not None else model.tokenizer.encode(msg.prompt)
+        return _encoded(ids, "the prompt", max_model_len)
     ids = msg.prompt_token_ids
     if not ids:
         raise InvalidRequest("prompt_token_ids is empty; send at least one token id")
@@ -122,18 +148,7 @@ def render_chat(messages: list, model: ModelInfo) -> str:
         raise InvalidRequest(f"cannot render the chat: {exc}") from None
 
 
-def _text_ids(text: str, model: ModelInfo, max_model_len: int, chat: bool) -> list[int]:
-    # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
-    max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
-    what = "the chat" if chat else "the prompt"
-    if len(text) > max_chars:
-        raise InvalidRequest(f"{what} has {len(text)} characters, far more than the max model "
-                             f"length of {max_model_len} tokens; shorten {what}")
-    if model.tokenizer is None:
-        raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
-                             "instead of text")
-    # A rendered chat already holds its special tokens (as in apply_chat_template).
-    ids = model.tokenizer.encode(text, add_special_tokens=not chat)
+def _encoded(ids: list[int], what: str, max_model_len: int) -> list[int]:
     if not ids:
         raise InvalidRequest(f"{what} encodes to no tokens; send some text")
     if len(ids) >= max_model_len:
