@@ -1,11 +1,17 @@
 """Engine benchmark: pdserve's ModelRunner against transformers ``generate`` on one machine.
 
     python -m bench.engine --json engine.json [--quick] [--device cpu|cuda]
+        [--models demo,llama-0.37b-random,smollm2-135m-instruct] [--threads N] [--enforce-eager]
+        [--new-tokens N]
 
 Both engines run the same checkpoints, the same random 128-token prompts and greedy decoding of
 the same number of new tokens (``min_new_tokens`` pins transformers' length), at batch 1, 8 and
 32, in float32 and, where the hardware has fast bf16, bfloat16. Checkpoints: the built-in demo
-model and a 0.37B-parameter Llama with random weights built here with transformers.
+model, a 0.37B-parameter Llama with random weights built here with transformers, and
+SmolLM2-135M-Instruct (``bench/real_model.py``; always in both dtypes). pdserve runs as its
+workers do: decode steps through compiled graphs (batch buckets 1, 8, 32) unless
+``--enforce-eager``, with the thread count its launcher gives one worker on this machine
+(``--threads`` to override); transformers gets the same threads.
 
 Per row, ``*_tok_s`` is end to end (prefill + decode): ``batch * new_tokens / wall time``.
 Decode alone is timed too (``*_decode_tok_s``; transformers' decode time is its generate time
@@ -30,15 +36,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
 import numpy as np
 import torch
 
+from bench.real_model import real_model_dir
 from kvtransfer.allocator import BlockAllocator
 from models.batch import SequenceChunk
 from models.demo import demo_model_dir
+from models.loader import cpu_has_native_bf16
 from models.runner import ModelRunner
 from models.sampler import SamplingParams
+from router.launcher import threads_per_rank
 
 PROMPT_LEN = 128
 BLOCK_SIZE = 16
@@ -48,6 +56,7 @@ RANDOM_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=
                  num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
                  max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODELS = ("demo", "llama-0.37b-random", "smollm2-135m-instruct")
 
 
 @dataclass(frozen=True)
@@ -93,11 +102,7 @@ def has_fast_bf16(device: torch.device) -> bool:
     """bf16 matmuls run natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX and oneDNN)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return torch.backends.mkldnn.is_available() and ("avx512_bf16" in flags or "amx_bf16" in flags)
+    return cpu_has_native_bf16()
 
 
 # -- models ----------------------------------------------------------------------------------
@@ -164,14 +169,18 @@ def fastest(runs: list[RunTiming]) -> RunTiming:
 
 # -- benchmark --------------------------------------------------------------------------------
 def bench_model(name: str, model_dir: Path, dtype: str, device: torch.device, batches: list[int],
-                new_tokens: int, repeats: int, machine: dict) -> list[dict]:
+                new_tokens: int, repeats: int, machine: dict, eager: bool) -> list[dict]:
     hf_model = load_hf(model_dir, dtype, device)
     params = weight_params(hf_model)
     vocab_size = hf_model.config.vocab_size
     blocks_per_seq = -(-(PROMPT_LEN + new_tokens) // BLOCK_SIZE)
     runner = ModelRunner(model_dir, dtype=dtype, device=device, block_size=BLOCK_SIZE,
                          num_blocks=max(batches) * blocks_per_seq,
-                         pool_backend="cuda" if device.type == "cuda" else "heap")
+                         pool_backend="cuda" if device.type == "cuda" else "heap",
+                         enforce_eager=eager, compile_buckets=batches)
+    if runner.decoder is not None:
+        print(f"{name} {dtype}: decode graphs compiled (or loaded) in "
+              f"{sum(runner.decoder.compile_seconds.values()):.1f} s", flush=True)
     rng = np.random.default_rng(0)
     warmup = [rng.integers(0, vocab_size, PROMPT_LEN).tolist()]
     run_pdserve(runner, warmup, 4)
@@ -236,7 +245,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 16 new tokens, demo model only")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated subset of {','.join(MODELS)}")
+    parser.add_argument("--threads", type=int, default=threads_per_rank(1),
+                        help="torch threads (default: what the launcher gives one worker here)")
+    parser.add_argument("--enforce-eager", action="store_true", help="pdserve without compiling")
+    parser.add_argument("--new-tokens", type=int, default=None,
+                        help="tokens generated per sequence (default: 128; 16 with --quick)")
     args = parser.parse_args(argv)
+    names = [m for m in args.models.split(",") if m]
+    if not names or any(m not in MODELS for m in names):
+        parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.new_tokens is not None and args.new_tokens < 2:
+        parser.error("--new-tokens must be at least 2 (one prefill token, then decode)")
+    torch.set_num_threads(args.threads)
     try:
         device = torch.device(args.device)
     except RuntimeError as e:
@@ -246,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
 
-    new_tokens = 16 if args.quick else 128
+    new_tokens = args.new_tokens or (16 if args.quick else 128)
     batches = [1, 8, 32]
     dtypes = ["float32"] + (["bfloat16"] if has_fast_bf16(device) else [])
     load_before = os.getloadavg()[0]
@@ -254,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: load average {load_before:.1f} before starting; other processes on "
               "this machine will skew the numbers", flush=True)
     machine = {"device": str(device), "threads": torch.get_num_threads(),
+               "compiled": not args.enforce_eager, "native_bf16": has_fast_bf16(device),
                "load_avg_before": round(load_before, 2),
                "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
                "read_gbps": round(measure_read_gbps(device), 2),
@@ -269,13 +294,19 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     results = []
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-") as tmp:
-        models = [("demo", demo_model_dir(), 2 if args.quick else 3)]
-        if not args.quick:
-            models.append(("llama-0.37b-random", build_random_llama(Path(tmp) / "llama"), 1))
-        for name, model_dir, repeats in models:
-            for dtype in dtypes:
+        models = []
+        if "demo" in names:
+            models.append(("demo", lambda: demo_model_dir(), 2 if args.quick else 3, dtypes))
+        if "llama-0.37b-random" in names and not args.quick:
+            models.append(("llama-0.37b-random",
+                           lambda: build_random_llama(Path(tmp) / "llama"), 1, dtypes))
+        if "smollm2-135m-instruct" in names and not args.quick:
+            models.append(("smollm2-135m-instruct", real_model_dir, 1, ["float32", "bfloat16"]))
+        for name, make_dir, repeats, model_dtypes in models:
+            model_dir = make_dir()
+            for dtype in model_dtypes:
                 results += bench_model(name, model_dir, dtype, device, batches, new_tokens,
-                                       repeats, machine)
+                                       repeats, machine, args.enforce_eager)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "machine": machine}, indent=2) + "\n")
         print(f"wrote {args.json}")

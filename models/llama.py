@@ -5,26 +5,29 @@ projections listed in ``LlamaForCausalLM.packed_modules_mapping``.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.attention import AttentionMetadata, PagedAttention
+from models.attention import PagedAttention
 from models.config import ModelConfig
 from models.embedding import ParallelLMHead, VocabParallelEmbedding
 from models.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from models.norm import RMSNorm
 from models.parallel import SINGLE, ParallelContext
 from models.rotary import RotaryEmbedding, apply_rotary
-
-KVCache = tuple[torch.Tensor, torch.Tensor]
-
+from models.step_attention import StepAttention, paged_attention
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, ctx: ParallelContext):
+    def __init__(self, config: ModelConfig, layer_idx: int, ctx: ParallelContext):
         super().__init__()
+        self.layer_idx = layer_idx
+        # Set by LlamaForCausalLM.bind_attention. The pool tensors are buffers so a compiled
+        # layer takes them as inputs: one graph serves every layer.
+        self.attn_handle = 0
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
         d = config.head_dim
         self.qkv_proj = QKVParallelLinear(config.hidden_size, d, config.num_heads,
                                           config.num_kv_heads, config.attention_bias, ctx)
@@ -39,8 +42,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, d ** -0.5)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         num_tokens = x.shape[0]
         hq, hkv = self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x).view(num_tokens, hq + 2 * hkv, self.head_dim)
@@ -51,7 +53,8 @@ class LlamaAttention(nn.Module):
             qk = apply_rotary(qkv[:, :hq + hkv], cos, sin)
             q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, hq + hkv:]
-        out = self.attn(q, k, v, kv_cache, meta)  # [T, hq, D]
+        out = paged_attention(q, k, v, self.k_cache, self.v_cache, self.attn_handle,
+                              self.layer_idx)  # [T, hq, D]
         return self.o_proj(out.view(num_tokens, hq * self.head_dim))
 
 
@@ -71,21 +74,14 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, ctx: ParallelContext):
         super().__init__()
         self.layer_idx = layer_idx
-        self.self_attn = LlamaAttention(config, ctx)
+        self.self_attn = LlamaAttention(config, layer_idx, ctx)
         self.mlp = LlamaMLP(config, ctx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, residual, cos, sin, kv_cache: KVCache, meta: AttentionMetadata,
-                on_layer_done: Callable[[int], None] | None):
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, kv_cache, meta)
-        if on_layer_done is not None:  # this layer's K/V is in the pool: let it ship now
-            on_layer_done(self.layer_idx)
+    def forward(self, x, residual, cos, sin):
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -127,23 +123,39 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = RotaryEmbedding(c.head_dim, max_positions, c.rope_theta, c.rope_scaling,
                                       dtype=dtype, device=device)
 
+    def bind_attention(self, state: StepAttention) -> None:
+        """Route every layer's attention to ``state`` (its KV pool and step metadata)."""
+        for layer, (k_cache, v_cache) in zip(self.model.layers, state.kv_caches):
+            layer.self_attn.attn_handle = state.handle
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache, v_cache
+
+    def attention_layers(self) -> list[PagedAttention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata, kv_caches: list[KVCache],
-                on_layer_done: Callable[[int], None] | None = None) -> torch.Tensor:
+                run_layer=None) -> torch.Tensor:
         """input_ids, positions ``[T]`` -> final hidden states ``[T, hidden]``.
 
-        Writes each layer's K/V into ``kv_caches[layer]`` and then calls
-        ``on_layer_done(layer)``. On CUDA the write is queued on the current stream: a
-        consumer on another stream or thread must synchronize before reading the blocks.
+        ``run_layer(layer, x, residual, cos, sin)``, when given, runs each decoder layer
+        instead of calling it (a compiled function: every layer has the same graph).
+
+        Attention goes to the bound ``StepAttention``, which writes each layer's K/V into
+        its pool and then calls its ``on_layer_done(layer)``. On CUDA the write is queued on
+        the current stream: a consumer on another stream or thread must synchronize first.
         """
         cos, sin = self.rotary.lookup(positions)
         x = self.model.embed_tokens(input_ids)
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            x, residual = layer(x, residual, cos, sin, kv_cache, meta, on_layer_done)
+        # A zero residual (x + 0 == x exactly) keeps the first layer's graph like the others.
+        residual = torch.zeros_like(x)
+        for layer in self.model.layers:
+            x, residual = (run_layer or _call_layer)(layer, x, residual, cos, sin)
         x, _ = self.model.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[N, hidden]`` -> float32 logits ``[N, vocab]``; pass only rows to sample."""
         return self.lm_head(hidden).float()
+
+
+def _call_layer(layer: LlamaDecoderLayer, x, residual, cos, sin):
+    return layer(x, residual, cos, sin)

@@ -21,14 +21,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
-    """``"auto"`` -> the checkpoint's dtype (float32 when it names none)."""
+def cpu_has_native_bf16() -> bool:
+    """The CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16) and oneDNN can use it.
+    Without it every bf16 matmul widens to float32 in software, slower than float32 itself."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return torch.backends.mkldnn.is_available() and ("avx512_bf16" in flags
+                                                      or "amx_bf16" in flags)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig,
+                  device: torch.device | str = "cpu") -> torch.dtype:
+    """``"auto"`` -> the checkpoint's dtype (float32 when it names none), except that a
+    half-precision checkpoint runs in float32 on a CPU that lacks native bf16 (there the
+    half-precision kernels are several times slower; see ``cpu_has_native_bf16``)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
         return dtype
     if dtype == "auto":
-        return DTYPES[config.dtype or "float32"]
+        wanted = DTYPES[config.dtype or "float32"]
+        if torch.device(device).type == "cpu" and wanted != torch.float32 \
+                and not (wanted == torch.bfloat16 and cpu_has_native_bf16()):
+            return torch.float32
+        return wanted
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use auto or one of {sorted(DTYPES)}")
     return DTYPES[dtype]

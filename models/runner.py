@@ -1,6 +1,8 @@
 """ModelRunner: one TP rank's model, its paged KV pool, and one forward + sample per step."""
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -10,12 +12,15 @@ from kvtransfer.pool import KVPool, num_blocks_for_budget
 from kvtransfer.spec import KVSpec
 from models.attention import GatherWorkspace
 from models.batch import SampleResult, SequenceChunk, StepBatch, build_step_batch
+from models.compiled import DEFAULT_BUCKETS, CompiledDecoder
 from models.config import ModelConfig
 from models.loader import DTYPES, load_model, resolve_dtype
 from models.parallel import SINGLE, ParallelContext
 from models.sampler import Sampler
+from models.step_attention import StepAttention
 
 __all__ = ["ModelRunner", "SampleResult", "SequenceChunk"]
+log = logging.getLogger("pdserve.runner")
 
 DEFAULT_KV_BUDGET_BYTES = 1 << 30
 # Without an explicit size, a pool never needs more than this many full-length sequences.
@@ -29,6 +34,8 @@ class ModelRunner:
     ``num_blocks`` sizes the pool directly; otherwise ``kv_budget_bytes`` does (default
     1 GiB, capped at what 64 sequences of ``max_model_len`` need). ``max_model_len``
     defaults to the checkpoint's ``max_position_embeddings``.
+    ``enforce_eager=False`` runs decode-only steps through compiled graphs, one per batch
+    bucket in ``compile_buckets`` (``models.compiled``; single-rank models only).
     Raises ``ValueError`` on a bad checkpoint or option.
     """
 
@@ -36,7 +43,8 @@ class ModelRunner:
                  device: str | torch.device = "cpu", tp: ParallelContext | None = None,
                  block_size: int = 16, num_blocks: int | None = None,
                  kv_budget_bytes: int | None = None, pool_backend: str = "heap",
-                 max_model_len: int | None = None, shm_path: str | None = None):
+                 max_model_len: int | None = None, shm_path: str | None = None,
+                 enforce_eager: bool = True, compile_buckets=DEFAULT_BUCKETS):
         self.tp = tp or SINGLE
         self.device = torch.device(device)
         self.config = ModelConfig.from_pretrained(model_dir)
@@ -44,7 +52,7 @@ class ModelRunner:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
         self.max_model_len = self._check_max_model_len(max_model_len)
         self.block_size = block_size
-        self.dtype = resolve_dtype(dtype, self.config)
+        self.dtype = resolve_dtype(dtype, self.config, self.device)
         dtype_name = next(name for name, d in DTYPES.items() if d == self.dtype)
         self.kv_spec: KVSpec = self.config.kv_spec(block_size, dtype_name)
         if pool_backend == "cuda" and self.device.type != "cuda":
@@ -59,6 +67,27 @@ class ModelRunner:
         self.kv_caches = [self.pool.layer(i) for i in range(self.config.num_layers)]
         self.sampler = Sampler()
         self.workspace = GatherWorkspace()
+        self.attention = StepAttention(self.kv_caches, self.model.attention_layers())
+        self.model.bind_attention(self.attention)
+        # Collectives inside a graph are not wired up: TP groups run eager.
+        self.decoder = None
+        if not enforce_eager and self.tp.world_size == 1:
+            self.decoder = CompiledDecoder(self.model, compile_buckets)
+            self.warm_up()
+
+    def warm_up(self) -> dict[int, float]:
+        """Compile (or load from the on-disk cache) every bucket's graph now, so that no
+        request waits for it; returns seconds per bucket. Uses block 0 while the pool is
+        still free (its contents are overwritten before anything reads them)."""
+        if self.decoder is None:
+            return {}
+        start = time.perf_counter()
+        for bucket in self.decoder.buckets:
+            if bucket not in self.decoder.compile_seconds:
+                self.step([SequenceChunk([0], 0, [0], None)] * bucket)
+        log.info("decode graphs for batch buckets %s ready in %.1f s", self.decoder.buckets,
+                 time.perf_counter() - start)
+        return dict(self.decoder.compile_seconds)
 
     @property
     def num_blocks(self) -> int:
@@ -73,14 +102,25 @@ class ModelRunner:
         """
         with torch.inference_mode():
             batch = self._build(chunks)
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches,
-                                on_layer_done)
             wanted = [i for i, c in enumerate(batch.chunks) if c.sampling is not None]
+            rows = torch.tensor([batch.last_rows[i] for i in wanted], dtype=torch.int64,
+                                device=self.device)
+            self.attention.begin(batch.attn, on_layer_done)
+            try:
+                logits = None  # [N, vocab] float32
+                if self.decoder is not None and not batch.attn.prefills \
+                        and on_layer_done is None:
+                    logits = self.decoder.logits(batch.input_ids, batch.positions)
+                    if logits is not None and len(wanted) != len(batch.chunks):
+                        logits = logits[rows]
+                if logits is None:
+                    hidden = self.model(batch.input_ids, batch.positions)
+                    logits = self.model.compute_logits(hidden[rows]) if wanted else None
+            finally:
+                self.attention.end()
             results: list[SampleResult | None] = [None] * len(chunks)
             if not wanted:
                 return results
-            rows = torch.tensor([batch.last_rows[i] for i in wanted], device=self.device)
-            logits = self.model.compute_logits(hidden[rows])  # [N, vocab] float32
             params = [batch.chunks[i].sampling for i in wanted]
             token_ids, logprobs = self.sampler.sample(
                 logits, params, [batch.chunks[i].output_index for i in wanted])
@@ -94,7 +134,11 @@ class ModelRunner:
         position of each chunk (scoring and checks; writes K/V like ``step``)."""
         with torch.inference_mode():
             batch = self._build(chunks)
-            hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches)
+            self.attention.begin(batch.attn)
+            try:
+                hidden = self.model(batch.input_ids, batch.positions)
+            finally:
+                self.attention.end()
             logits = self.model.compute_logits(hidden)
             out: list[torch.Tensor] = [torch.empty(0)] * len(chunks)
             for i, c in enumerate(batch.chunks):

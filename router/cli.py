@@ -125,7 +125,7 @@ def cmd_serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     engine = {name: getattr(args, name) for name in (
         "model", "tp", "dtype", "device", "max_model_len", "block_size", "num_kv_blocks", "kv_memory",
-        "kv_transport", "max_num_seqs", "max_num_batched_tokens")}
+        "kv_transport", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")}
     cluster = LocalCluster(mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
                            num_workers=args.workers, listen=args.listen or default_endpoint("client"),
                            curve_dir=args.curve_dir, router_in_process=not args.router_process,

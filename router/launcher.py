@@ -82,7 +82,7 @@ class LocalCluster:
                  dtype: str = "auto", device: str = "cpu", max_model_len: int | None = None,
                  block_size: int = 16, num_kv_blocks: int | None = None, kv_memory: int | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 listen: str | None = None, curve_dir: str | None = None,
+                 enforce_eager: bool | None = None, listen: str | None = None, curve_dir: str | None = None,
                  router_in_process: bool = True, router_options: dict | None = None,
                  log_to_stderr: bool = False,
                  startup_timeout_s: float = 300.0, grace_s: float = 10.0,
@@ -104,7 +104,8 @@ class LocalCluster:
                        "max_model_len": max_model_len, "block_size": block_size,
                        "num_kv_blocks": num_kv_blocks, "kv_memory": kv_memory,
                        "kv_transport": kv_transport, "max_num_seqs": max_num_seqs,
-                       "max_num_batched_tokens": max_num_batched_tokens, "curve_dir": curve_dir}
+                       "max_num_batched_tokens": max_num_batched_tokens, "curve_dir": curve_dir,
+                       "enforce_eager": enforce_eager}
         self.listen = listen
         self.curve_dir = curve_dir
         self.router_in_process = router_in_process
@@ -223,7 +224,9 @@ class LocalCluster:
         argv = [sys.executable, "-m", "router.cli", "worker", "--role", role, "--router", self.backend,
                 "--worker-id", worker_id, "--kv-dir", str(self.run_dir)]
         for name, value in self.engine.items():
-            if value is not None:
+            if isinstance(value, bool):  # a flag
+                argv += [f"--{name.replace('_', '-')}"] if value else []
+            elif value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
         return self._add_worker(role, worker_id, argv + list(self.worker_args)
                                 + list(self._extra_args.get(worker_id, ())))

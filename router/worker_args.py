@@ -105,6 +105,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
                         help="token budget of one prefill step")
     parser.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
+    parser.add_argument("--enforce-eager", action="store_true", default=None,
+                        help="run every step eagerly, never compiled (also PDSERVE_ENFORCE_EAGER=1)")
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +129,8 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name, None)
         if value is not None:
             argv += [f"--{name.replace('_', '-')}", str(value)]
+    if getattr(args, "enforce_eager", None):
+        argv.append("--enforce-eager")
     return argv
 
 

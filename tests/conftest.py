@@ -1,6 +1,12 @@
 """Session fixtures shared across test packages (imports stay inside them: router tests must
 not pay for torch)."""
+import os
+
 import pytest
+
+# Workers started by tests run eager: compiling decode graphs costs seconds per worker start,
+# and most tests start several. The tests that cover compiled workers clear this.
+os.environ.setdefault("PDSERVE_ENFORCE_EAGER", "1")
 
 NUM_BLOCKS = 32
 BLOCK_SIZE = 4

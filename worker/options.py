@@ -35,6 +35,7 @@ class WorkerOptions:
     max_num_batched_tokens: int = 2048
     heartbeat_s: float = 0.5
     kv_dir: str | None = None             # where ipc:// KV endpoints live
+    enforce_eager: bool = False           # never compile (also PDSERVE_ENFORCE_EAGER=1)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -7,6 +7,8 @@ import socket
 from models.parallel import ParallelContext
 from worker.options import WorkerOptions
 
+EAGER_ENV = "PDSERVE_ENFORCE_EAGER"
+
 
 def build_runner(opts: WorkerOptions, ctx: ParallelContext):
     """This rank's model shard and KV pool. A CPU decode pool lives in shared memory so a
@@ -21,10 +23,13 @@ def build_runner(opts: WorkerOptions, ctx: ParallelContext):
     on_cuda = str(device).startswith("cuda")
     backend = "cuda" if on_cuda else ("shm" if opts.role == "decode" else "heap")
     torch.set_num_threads(num_threads(opts))
+    # Compiled graphs serve decode-only steps, which a prefill worker never runs.
+    eager = opts.enforce_eager or os.environ.get(EAGER_ENV) == "1" or opts.role == "prefill"
     return ModelRunner(opts.model, dtype=opts.dtype, device=device, tp=ctx,
                        block_size=opts.block_size, num_blocks=opts.num_kv_blocks,
                        kv_budget_bytes=opts.kv_memory, pool_backend=backend,
-                       max_model_len=opts.max_model_len)
+                       max_model_len=opts.max_model_len,
+                       enforce_eager=eager)
 
 
 def num_threads(opts: WorkerOptions) -> int:

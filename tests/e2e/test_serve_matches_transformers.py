@@ -29,6 +29,7 @@ async def run_all(endpoint, requests, **params):
 
 CONFIGS = {
     "colocated-1": ["--mode", "colocated"],
+    "colocated-1-compiled": ["--mode", "colocated"],
     "disagg-1p1d-zmq": ["--kv-transport", "zmq"],
     "disagg-1p1d-shm": ["--kv-transport", "shm"],
     "disagg-1p1d-nixl": ["--kv-transport", "nixl"],
@@ -39,9 +40,11 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_greedy_outputs_equal_transformers(name, tiny_model, tmp_path):
+def test_greedy_outputs_equal_transformers(name, tiny_model, tmp_path, monkeypatch):
     if name.endswith("nixl"):
         pytest.importorskip("nixl")
+    if name.endswith("compiled"):  # the workers' default: decode through compiled graphs
+        monkeypatch.delenv("PDSERVE_ENFORCE_EAGER", raising=False)
     ids = prompts()
     expected = greedy_reference(tiny_model, ids, MAX_TOKENS)
     requests = [{"prompt": t} for t in TEXTS] + [{"prompt_token_ids": p} for p in ids[len(TEXTS):]]
@@ -60,3 +63,5 @@ def test_greedy_outputs_equal_transformers(name, tiny_model, tmp_path):
         assert got.text == tok.decode(want)
         assert got.metrics.ttft > 0 and got.metrics.e2e >= got.metrics.ttft
         assert len(got.metrics.itl) == len(want) - 1
+    compiled = "decode graphs for batch buckets" in (tmp_path / "serve.log").read_text()
+    assert compiled == name.endswith("compiled")

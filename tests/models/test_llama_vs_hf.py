@@ -26,6 +26,10 @@ CASES = {
     "qwen2-bias": dict(arch="qwen2", num_kv_heads=2),
     "qwen3-qk-norm-tied": dict(arch="qwen3", num_kv_heads=1, head_dim=32, tie=True),
 }
+# The same checks through compiled decode graphs, one per architecture. The bucket (4) is
+# larger than the 3-sequence decode steps below, so padded rows are exercised too.
+COMPILED = ("llama-gqa", "mistral-sliding-window-6", "qwen2-bias", "qwen3-qk-norm-tied")
+COMPILE_BUCKETS = (4,)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,11 +38,15 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+@pytest.fixture(scope="module", params=list(CASES) + [f"{name}-compiled" for name in COMPILED])
 def case(request, tmp_path_factory):
+    name = request.param.removesuffix("-compiled")
+    compiled = name != request.param
     model_dir = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), seed=7,
-                                     **CASES[request.param])
-    runner = ModelRunner(model_dir, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+                                     **CASES[name])
+    runner = ModelRunner(model_dir, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS,
+                         enforce_eager=not compiled, compile_buckets=COMPILE_BUCKETS)
+    assert (runner.decoder is not None) == compiled
     yield runner, load_hf_model(model_dir)
     runner.close()
 

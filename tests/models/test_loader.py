@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.batch import SequenceChunk
+from models.loader import cpu_has_native_bf16
 from models.runner import ModelRunner
 from tests.tiny_models import make_tiny_checkpoint, single_thread
 
@@ -118,12 +119,21 @@ def test_recomputed_buffers_and_a_duplicated_tied_head_are_accepted(tmp_path):
     assert torch.equal(logits(tied), expected)
 
 
-def test_dtype_auto_follows_the_checkpoint(tmp_path):
+def test_dtype_auto_follows_the_checkpoint_where_the_cpu_runs_it_natively(tmp_path):
     bf16 = make_tiny_checkpoint(tmp_path / "bf16", "llama", dtype="bfloat16", seed=4)
     runner = ModelRunner(bf16, block_size=4, num_blocks=8)
-    assert runner.dtype == torch.bfloat16 and runner.pool.kv.dtype == torch.bfloat16
-    assert runner.kv_spec.dtype == "bfloat16"
-    assert runner.model.lm_head.weight.dtype == torch.bfloat16
+    native = cpu_has_native_bf16()
+    expected, name = (torch.bfloat16, "bfloat16") if native else (torch.float32, "float32")
+    assert runner.dtype == expected and runner.pool.kv.dtype == expected
+    assert runner.kv_spec.dtype == name
+    assert runner.model.lm_head.weight.dtype == expected
+    runner.close()
+    runner = ModelRunner(bf16, dtype="bfloat16", block_size=4, num_blocks=8)
+    assert runner.model.lm_head.weight.dtype == torch.bfloat16  # asked for: always honoured
+    runner.close()
+    fp16 = make_tiny_checkpoint(tmp_path / "fp16", "llama", dtype="float16", seed=4)
+    runner = ModelRunner(fp16, block_size=4, num_blocks=8)
+    assert runner.dtype == torch.float32  # fp16 checkpoints run in float32 on CPU
     runner.close()
     as_fp32 = logits(bf16, dtype="float32")
     as_bf16 = logits(bf16)
