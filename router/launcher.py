@@ -1,7 +1,10 @@
 """Starts a whole local cluster: the router and its worker processes, and stops it cleanly.
 
-    with LocalCluster(mode="disagg", num_prefill=1, num_decode=1) as cluster:
+    with LocalCluster("demo", mode="disagg", num_prefill=1, num_decode=1) as cluster:
         client = Client(cluster.endpoint)
+
+``model`` is anything ``--model`` takes (None: the default model); it is resolved once
+(``models.registry.resolve_model``: fetched and converted if need be) before any process starts.
 
 The router runs in this process (a background thread) or as a ``pdserve router`` subprocess;
 each worker is a ``pdserve worker`` subprocess in its own process group (its TP ranks share
@@ -141,6 +144,10 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         """Start the router and every worker; return once all have registered.
         Raises ValueError (bad options) or ClusterError (a process failed to start)."""
+        from models.registry import resolve_model
+
+        # Fetch and convert once, here, rather than in every worker at the same time.
+        self.engine["model"] = str(resolve_model(self.engine["model"]))
         self.run_dir = Path(tempfile.mkdtemp(prefix="pdserve-"))
         try:
             self.endpoint = self.listen or f"ipc://{self.run_dir}/client.ipc"
