@@ -10,20 +10,24 @@ router itself can fan out.
 2. Router capacity: 256 concurrent streams over a tiny real model (2 layers, hidden 64) so the
    model step is cheap and routing, detokenization and streaming dominate; output tokens/s as
    the clients receive them.
+3. HTTP vs ZMQ fan-out (``--http``): the same 256 streams against one router, alternately over
+   the ZMQ client and over OpenAI-compatible SSE (/v1/completions), in the same run; tokens/s
+   as clients receive them and the router process's CPU time per 1000 tokens, for each path.
 
-Writes ``{"overhead_fraction", "router_tokens_per_s", ...details}``.
+Writes ``{"overhead_fraction", "router_tokens_per_s", ...details}`` (and ``"http_vs_zmq"``).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import random
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 from router.client import AsyncClient
 from router.launcher import LocalCluster, threads_per_rank
@@ -65,18 +69,23 @@ def in_process_tokens_per_s(model_dir: str, prompts, max_tokens: int) -> float:
     return num_tokens / elapsed
 
 
+async def count_streams(client, prompts, max_tokens: int) -> tuple[int, float]:
+    """Stream every prompt at once through ``client``; (output tokens, seconds)."""
+    async def one(prompt) -> int:
+        count = 0
+        async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
+                                           ignore_eos=True, temperature=0.0):
+            count += len(chunk.token_ids)
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(p) for p in prompts))
+    return sum(counts), time.perf_counter() - start
+
+
 async def stream_all(endpoint: str, prompts, max_tokens: int) -> tuple[int, float]:
     async with AsyncClient(endpoint, timeout=600) as client:
-        async def one(prompt) -> int:
-            count = 0
-            async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
-                                               ignore_eos=True, temperature=0.0):
-                count += len(chunk.token_ids)
-            return count
-
-        start = time.perf_counter()
-        counts = await asyncio.gather(*(one(p) for p in prompts))
-        return sum(counts), time.perf_counter() - start
+        return await count_streams(client, prompts, max_tokens)
 
 
 def stack_tokens_per_s(model_dir: str | None, prompts, max_tokens: int, **cluster) -> float:
@@ -87,6 +96,48 @@ def stack_tokens_per_s(model_dir: str | None, prompts, max_tokens: int, **cluste
         asyncio.run(stream_all(c.endpoint, prompts, max_tokens))  # warm-up
         num_tokens, elapsed = asyncio.run(stream_all(c.endpoint, prompts, max_tokens))
     return num_tokens / elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def stream_all_http(base_url: str, prompts, max_tokens: int) -> tuple[int, float]:
+    from router.bench.openai_client import OpenAIClient
+
+    async with OpenAIClient(base_url, timeout=600) as client:
+        await client.status()
+        return await count_streams(client, prompts, max_tokens)
+
+
+def http_vs_zmq(model_dir: str, prompts, max_tokens: int, rounds: int = 3) -> dict:
+    """Fan-out over ZMQ and over HTTP SSE, alternating on one router process (see the module
+    docstring); medians over ``rounds``."""
+    from router.http.config import HttpConfig
+
+    paths = {"zmq": [], "http": []}
+    with LocalCluster(model_dir, mode="colocated", num_workers=1, router_in_process=False,
+                      max_num_seqs=len(prompts), num_kv_blocks=8192, http=HttpConfig(port=0)) as c:
+        runs = {"zmq": lambda: stream_all(c.endpoint, prompts, max_tokens),
+                "http": lambda: stream_all_http(c.http_url, prompts, max_tokens)}
+        for name in runs:  # warm-up
+            asyncio.run(runs[name]())
+        for _ in range(rounds):
+            for name, run in runs.items():
+                cpu = cpu_seconds(c.router_pid)
+                num_tokens, elapsed = asyncio.run(run())
+                cpu = cpu_seconds(c.router_pid) - cpu
+                paths[name].append((num_tokens / elapsed, 1e6 * cpu / num_tokens))
+    result = {}
+    for name, samples in paths.items():
+        result[f"{name}_tokens_per_s"] = round(statistics.median(s[0] for s in samples), 1)
+        result[f"{name}_router_cpu_ms_per_1k_tokens"] = round(statistics.median(s[1] for s in samples), 1)
+    result["ratio"] = round(result["http_tokens_per_s"] / result["zmq_tokens_per_s"], 3)
+    result["router_cpu_ratio"] = round(result["zmq_router_cpu_ms_per_1k_tokens"]
+                                       / result["http_router_cpu_ms_per_1k_tokens"], 3)
+    return result
 
 
 def tiny_model(directory: Path) -> str:
@@ -110,7 +161,19 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--streams", type=int, default=256, help="streams in the capacity run")
     parser.add_argument("--stream-tokens", type=int, default=128)
+    parser.add_argument("--http", action="store_true",
+                        help="only the HTTP vs ZMQ fan-out comparison (3.)")
     args = parser.parse_args(argv)
+    if args.http:
+        with tempfile.TemporaryDirectory() as tmp:
+            tiny = tiny_model(Path(tmp) / "tiny")
+            result = {"http_vs_zmq": http_vs_zmq(tiny, prompts_for(args.streams, 16, seed=1),
+                                                 args.stream_tokens),
+                      "streams": args.streams, "stream_tokens": args.stream_tokens}
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return 0
 
     from models.demo import demo_model_dir
 

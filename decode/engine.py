@@ -32,6 +32,7 @@ class StepOutput:
     # -> FirstToken: (rid, transfer_id, result, finish_reason)
     first_tokens: list[tuple[str, str, SampleResult, str | None]] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)             # rids whose blocks were freed
+    num_cached: dict[str, int] = field(default_factory=dict)      # rid -> prefix-cache hit tokens
 
 
 class DecodeEngine:
@@ -149,6 +150,7 @@ class DecodeEngine:
                 self.prefill_scheduler.by_rid.pop(rid, None)  # blocks belong to the decode sequence
                 reason = self.decode_scheduler.start(self.decode_scheduler.by_rid[rid], result.token_id)
                 out.first_tokens.append((rid, pc.request.transfer_id, result, reason))
+                out.num_cached[rid] = pc.request.num_prefix_hit
                 if reason is not None:
                     finished_first.append(rid)
         self._in_flight = set()

@@ -82,7 +82,7 @@ class DecodeScheduler:
             if result is None or self.by_rid.get(seq.rid) is not seq:
                 continue
             reason = seq.append(result.token_id)
-            items.append(TokenItem(seq.rid, result.token_id, result.logprob, reason))
+            items.append(TokenItem(seq.rid, result.token_id, result.logprob, reason, result.top_logprobs))
         if any(item.finish_reason for item in items):
             self.running = [s for s in self.running if s.finish_reason is None]
         return items

@@ -161,7 +161,8 @@ class DecodeWorker(StepWorker):
 
     def publish(self, out) -> None:
         for rid, transfer_id, result, reason in out.first_tokens:
-            self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason))
+            self.link.send(P.FirstToken(rid, transfer_id, result.token_id, result.logprob, reason,
+                                        out.num_cached.get(rid, 0), result.top_logprobs))
         if out.items:
             self.num_tokens_messages += 1
             self.link.send(P.Tokens(self.opts.worker_id, self.num_tokens_messages,
@@ -186,7 +187,9 @@ class DecodeWorker(StepWorker):
             return {}
         kv = self.coordinator.stats()
         return {"quarantined_blocks": kv.get("num_quarantined_blocks", 0),
-                "kv_transfers_done": kv.get("transfers_done"), "kv_by_transport": kv.get("by_transport")}
+                "kv_transfers_done": kv.get("transfers_done"), "kv_by_transport": kv.get("by_transport"),
+                "kv_transfers_failed": kv.get("transfers_failed"),
+                "reservations_expired": kv.get("reservations_expired")}
 
     def close_transport(self) -> None:
         if self.receiver is not None:

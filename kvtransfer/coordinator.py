@@ -63,7 +63,8 @@ class KVCoordinator:
         self._rank_errors: dict[int, str] = {}
         self._progress: dict[str, _Progress] = {}
         self._events: list[TransferEvent] = []
-        self._counts = {"transfers_done": 0, "transfers_failed": 0, "by_transport": {}}
+        self._counts = {"transfers_done": 0, "transfers_failed": 0, "reservations_expired": 0,
+                        "by_transport": {}}
         self._sock = zmq.Context.instance().socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -266,6 +267,7 @@ class KVCoordinator:
 
     def _expire(self) -> None:
         expiry = self.table.expire()
+        self._counts["reservations_expired"] += len(expiry.expired)
         for tid in expiry.expired:
             self._broadcast(pack("close", x=tid, writer_dead=False))
             self._counts["transfers_failed"] += 1

@@ -36,6 +36,7 @@ class SequenceChunk:
 class SampleResult:
     token_id: int
     logprob: float
+    top_logprobs: list | None = None  # [[token_id, logprob], ...] when the request asked for them
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 SEED_LIMIT = 2**63
 MAX_TEMPERATURE = 1000.0
 MAX_STOP_TOKEN_IDS = 256
+MAX_TOP_LOGPROBS = 20
 DEFAULT_MAX_TOKENS = 16
 
 FINISH_STOP = "stop"      # EOS token or a stop token id
@@ -45,6 +46,12 @@ def check_sampling(temperature, top_p, top_k, seed) -> None:
         raise ValueError(f"seed must be null or an integer in [0, 2**63), got {seed!r}")
 
 
+def check_num_top_logprobs(num) -> None:
+    """How many most likely tokens to report with each token: 0 to MAX_TOP_LOGPROBS."""
+    if not is_int(num) or not 0 <= num <= MAX_TOP_LOGPROBS:
+        raise ValueError(f"num_top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], got {num!r}")
+
+
 @dataclass(frozen=True)
 class RequestOptions:
     """Sampling and token-level stop options of one request, validated at construction.
@@ -52,6 +59,7 @@ class RequestOptions:
     max_tokens: output tokens at most (>= 1). temperature/top_p/top_k/seed: see
     ``models.sampler.SamplingParams``. stop_token_ids: token ids that end the request (kept,
     reported with finish reason ``stop``). ignore_eos: keep going past the model's EOS tokens.
+    num_top_logprobs: report this many most likely tokens with each output token (0 to 20).
     Raises ValueError saying which field is wrong and what it must be.
     """
 
@@ -62,6 +70,7 @@ class RequestOptions:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    num_top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if not is_int(self.max_tokens) or self.max_tokens < 1:
@@ -75,6 +84,7 @@ class RequestOptions:
                 raise ValueError(f"stop_token_ids contains {tok!r}, not a token id (integers >= 0)")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        check_num_top_logprobs(self.num_top_logprobs)
         # Canonical form: floats for the float fields, unique stop ids in first-seen order.
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
@@ -84,7 +94,7 @@ class RequestOptions:
     def sampling_fields(self) -> dict:
         """The fields ``SamplingParams`` takes."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "seed": self.seed}
+                "seed": self.seed, "num_top_logprobs": self.num_top_logprobs}
 
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError if a stop token id is outside ``[0, vocab_size)``."""
@@ -94,9 +104,12 @@ class RequestOptions:
                                  f"(integers in [0, {vocab_size}))")
 
     def to_wire(self) -> dict:
-        return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+        wire = {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "seed": self.seed, "stop_token_ids": list(self.stop_token_ids),
                 "ignore_eos": self.ignore_eos}
+        if self.num_top_logprobs:  # absent unless asked for: the common message stays as it was
+            wire["num_top_logprobs"] = self.num_top_logprobs
+        return wire
 
     @classmethod
     def from_wire(cls, data) -> "RequestOptions":

@@ -81,11 +81,12 @@ class ModelRunner:
                 return results
             rows = torch.tensor([batch.last_rows[i] for i in wanted], device=self.device)
             logits = self.model.compute_logits(hidden[rows])  # [N, vocab] float32
+            params = [batch.chunks[i].sampling for i in wanted]
             token_ids, logprobs = self.sampler.sample(
-                logits, [batch.chunks[i].sampling for i in wanted],
-                [batch.chunks[i].output_index for i in wanted])
-            for i, token_id, logprob in zip(wanted, token_ids.tolist(), logprobs.tolist()):
-                results[batch.order[i]] = SampleResult(token_id, logprob)
+                logits, params, [batch.chunks[i].output_index for i in wanted])
+            tops = self.sampler.top_logprobs(logits, [p.num_top_logprobs for p in params])
+            for i, token_id, logprob, top in zip(wanted, token_ids.tolist(), logprobs.tolist(), tops):
+                results[batch.order[i]] = SampleResult(token_id, logprob, top)
             return results
 
     def prompt_logits(self, chunks: list[SequenceChunk]) -> list[torch.Tensor]:

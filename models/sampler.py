@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
-from models.request_options import check_sampling, is_int
+from models.request_options import check_num_top_logprobs, check_sampling, is_int
 
 
 @dataclass(frozen=True)
@@ -32,16 +32,20 @@ class SamplingParams:
     top_p: keep the smallest set of most likely tokens whose mass reaches top_p; in (0, 1].
     top_k: keep the k most likely tokens; 0 turns it off. Applied before top_p.
     seed: None for fresh randomness, or an int in [0, 2**63) for a reproducible draw.
-    The ranges are ``models.request_options.check_sampling``'s (one definition).
+    num_top_logprobs: how many of the most likely tokens to report with their logprobs
+    (``Sampler.top_logprobs``), in [0, 20]; they never change which token is drawn.
+    The ranges are ``models.request_options``'s (one definition).
     """
 
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    num_top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         check_sampling(self.temperature, self.top_p, self.top_k, self.seed)
+        check_num_top_logprobs(self.num_top_logprobs)
 
     @property
     def is_greedy(self) -> bool:
@@ -111,6 +115,19 @@ class Sampler:
                 logits[rows], [params[i] for i in random_rows], [output_indices[i] for i in random_rows])
         logprobs = torch.log_softmax(logits, dim=-1).gather(1, token_ids[:, None]).squeeze(1)
         return token_ids, logprobs
+
+    @staticmethod
+    def top_logprobs(logits: torch.Tensor, counts: list[int]) -> list[list | None]:
+        """The ``counts[i]`` most likely tokens of row i as ``[[token_id, logprob], ...]``, most
+        likely first (log-softmax of the raw logits, like ``sample``'s logprobs); None for a
+        row whose count is 0. logits: ``[N, V]``."""
+        k = min(max(counts, default=0), logits.shape[1])
+        if k == 0:
+            return [None] * len(counts)
+        values, ids = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)  # [N, k]
+        values, ids = values.tolist(), ids.tolist()
+        return [[[t, v] for t, v in zip(ids[i][:n], values[i][:n])] if n else None
+                for i, n in enumerate(counts)]
 
     def _sample_random(self, logits: torch.Tensor, params: list[SamplingParams],
                        output_indices: list[int]) -> torch.Tensor:

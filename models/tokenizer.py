@@ -103,10 +103,13 @@ class Tokenizer:
         """Number of token ids, added tokens included."""
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with bos prepended if the model expects it."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with bos prepended if the model expects it and
+        ``add_special_tokens`` (False for text a chat template rendered: it has its own)."""
         if not isinstance(text, str):
             raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
+        if not add_special_tokens:
+            return self._tokenizer.encode(text, add_special_tokens=False).ids
         if self.add_bos_token is None:
             return self._tokenizer.encode(text).ids
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids

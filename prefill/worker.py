@@ -77,7 +77,8 @@ class PrefillWorker(StepWorker):
             request = answer.request
             if answer.error is None:
                 self.link.send(P.FirstToken(request.rid, request.transfer_id, answer.result.token_id,
-                                            answer.result.logprob, answer.finish_reason))
+                                            answer.result.logprob, answer.finish_reason,
+                                            request.num_prefix_hit, answer.result.top_logprobs))
             else:
                 self.link.send(P.WorkerError(request.rid, request.transfer_id, answer.error))
 

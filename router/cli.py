@@ -15,6 +15,7 @@ import sys
 import threading
 
 from router.config import KV_TRANSPORTS, default_endpoint
+from router.http.config import add_http_arguments, http_config_from_args
 from router.worker_args import add_engine_arguments, add_worker_arguments
 
 PROG = "pdserve"
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--router-process", action="store_true",
                        help="run the router as its own process instead of a thread")
     add_engine_arguments(serve)
+    add_http_arguments(serve)
 
     router = sub.add_parser("router", help="start only the router; workers connect to --backend")
     router.add_argument("--listen", default=None, help="client endpoint")
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a prefill worker may hold requests without any first token")
     router.add_argument("--shutdown-workers", action="store_true",
                         help="tell registered workers to shut down when the router stops")
+    add_http_arguments(router)
 
     worker = sub.add_parser("worker", help="start one worker and register it with a router")
     add_worker_arguments(worker)
@@ -112,11 +115,12 @@ def cmd_serve(args) -> int:
     cluster = LocalCluster(mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
                            num_workers=args.workers, listen=args.listen or default_endpoint("client"),
                            curve_dir=args.curve_dir, router_in_process=not args.router_process,
-                           log_to_stderr=True, **engine)
+                           log_to_stderr=True, http=http_config_from_args(args), **engine)
     with cluster:
         layout = (f"{args.prefill} prefill + {args.decode} decode" if args.mode == "disagg"
                   else f"{args.workers} colocated")
-        print(f"pdserve ready: {cluster.endpoint} ({layout} workers, TP {args.tp})", flush=True)
+        http = f", http {cluster.http_url}" if cluster.http_url else ""
+        print(f"pdserve ready: {cluster.endpoint}{http} ({layout} workers, TP {args.tp})", flush=True)
         while not stop.wait(0.5):
             pass
         logging.getLogger("pdserve").info("stopping")
@@ -135,10 +139,11 @@ def cmd_router(args) -> int:
                           handoff_timeout_s=args.handoff_timeout,
                           prefill_stall_timeout_s=args.prefill_stall_timeout)
 
-    def ready(_router) -> None:
-        print(f"pdserve router ready: clients {config.frontend}, workers {config.backend}", flush=True)
+    def ready(router) -> None:
+        http = f", http {router.http_url}" if router.http_url else ""
+        print(f"pdserve router ready: clients {config.frontend}{http}, workers {config.backend}", flush=True)
 
-    run_router(config, ready, stop_workers=args.shutdown_workers)
+    run_router(config, ready, stop_workers=args.shutdown_workers, http=http_config_from_args(args))
     return 0
 
 

@@ -74,7 +74,7 @@ class LocalCluster:
                  router_in_process: bool = True, router_options: dict | None = None,
                  log_to_stderr: bool = False,
                  startup_timeout_s: float = 300.0, grace_s: float = 10.0,
-                 worker_args: tuple[str, ...] = (), env: dict | None = None):
+                 worker_args: tuple[str, ...] = (), env: dict | None = None, http=None):
         if mode not in ("disagg", "colocated"):
             raise ValueError(f"--mode must be disagg or colocated, got {mode!r}")
         counts = {"--prefill": num_prefill, "--decode": num_decode} if mode == "disagg" \
@@ -97,6 +97,8 @@ class LocalCluster:
         self.router_in_process = router_in_process
         # RouterConfig fields: max_queue, heartbeat_timeout_s, unavailable_timeout_s, ...
         self.router_options = dict(router_options or {})
+        self.http = http  # router.http.config.HttpConfig, or None: no HTTP
+        self.http_url: str | None = None
         unknown = set(self.router_options) - set(RouterConfig.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown router options {sorted(unknown)}")
@@ -142,7 +144,8 @@ class LocalCluster:
             config = RouterConfig(frontend=self.endpoint, backend=self.backend, model_dir=model_dir,
                                   curve_dir=self.curve_dir, kv_transport=self.engine["kv_transport"],
                                   **self.router_options)
-            self._router_thread = RouterThread(config).start()
+            self._router_thread = RouterThread(config, http=self.http).start()
+            self.http_url = self._router_thread.router.http_url
             return
         argv = [sys.executable, "-m", "router.cli", "router", "--listen", self.endpoint,
                 "--backend", self.backend, "--kv-transport", self.engine["kv_transport"],
@@ -156,7 +159,8 @@ class LocalCluster:
             argv += ["--model", str(model_dir)]
         if self.curve_dir:
             argv += ["--curve-dir", self.curve_dir]
-        self._router_proc = self._spawn(argv, "router")
+        from router.http.config import http_argv
+        self._router_proc = self._spawn(argv + http_argv(self.http), "router")
 
     def start_worker(self, role: str, worker_id: str) -> WorkerProcess:
         """Spawn one ``pdserve worker`` (also used to restart a killed one)."""
@@ -174,6 +178,8 @@ class LocalCluster:
     def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
         env = {THREADS_ENV: str(threads_per_rank(len(self.roles) * self.engine["tp"])),
                **os.environ, **(self.env or {}), PARENT_ENV: str(os.getpid())}
+        if name == "router" and self.http is not None and self.http.api_key:
+            env["PDSERVE_API_KEY"] = self.http.api_key  # not on the command line, where ps shows it
         out = None if self.log_to_stderr else open(self.run_dir / f"{name}.log", "ab")
         try:
             return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr,
@@ -186,9 +192,12 @@ class LocalCluster:
         """Workers the router currently has registered and alive."""
         if self._router_thread is not None:
             return self._router_thread.call(lambda r: len(r.registry.alive()), self._router_thread.router)
+        return self._status()["router"]["num_workers"]
+
+    def _status(self) -> dict:
         from router.client import Client
-        with Client(self.endpoint, timeout=5) as client:
-            return client.status()["router"]["num_workers"]
+        with Client(self.endpoint, timeout=5, curve=self.curve_dir) as client:
+            return client.status()
 
     def wait_for_workers(self, count: int, timeout_s: float) -> None:
         """Block until ``count`` workers are registered. Raises ClusterError if a process exits."""
@@ -203,6 +212,8 @@ class LocalCluster:
                                    f"see {self.run_dir}/router.log")
             try:
                 if self.num_registered() >= count:
+                    if self.http is not None and self.http_url is None:
+                        self.http_url = self._status()["router"].get("http")
                     return
             except Exception as exc:  # the router subprocess may not be listening yet
                 log.debug("status not available yet: %s", exc)
@@ -210,6 +221,11 @@ class LocalCluster:
                 raise ClusterError(f"only {self.num_registered()} of {count} workers registered within "
                                    f"{timeout_s:g}s; worker logs are in {self.run_dir}")
             time.sleep(0.1)
+
+    @property
+    def router_pid(self) -> int:
+        """The router's process id (this process when the router runs in a thread)."""
+        return self._router_proc.pid if self._router_proc is not None else os.getpid()
 
     def kill_router(self, sig: int = signal.SIGKILL) -> None:
         """Kill a subprocess router (fault injection); ``start_router()`` brings one back."""

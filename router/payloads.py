@@ -7,25 +7,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
-from models.request_options import is_int
+from models.request_options import MAX_TOP_LOGPROBS, is_int
 from router.protocol import FINISH_REASONS, ProtocolError
 
 
 class TokenItem(NamedTuple):
-    """One sequence's output of one decode step (``Tokens.items``)."""
+    """One sequence's output of one decode step (``Tokens.items``). ``top_logprobs``: the most
+    likely tokens as ``[[token_id, logprob], ...]`` when the request asked for them (on the
+    wire as a fifth element, absent otherwise)."""
     rid: str
     token_id: int
     logprob: float
     finish_reason: str | None
+    top_logprobs: list | None = None
 
     def to_wire(self) -> list:
-        return list(self)
+        return list(self) if self.top_logprobs is not None else list(self[:4])
 
     @classmethod
     def from_wire(cls, data) -> "TokenItem":
-        if not isinstance(data, list) or len(data) != 4:
-            raise ProtocolError("a Tokens item must be [rid, token_id, logprob, finish_reason]")
-        rid, token_id, logprob, reason = data
+        if not isinstance(data, list) or len(data) not in (4, 5):
+            raise ProtocolError("a Tokens item must be [rid, token_id, logprob, finish_reason] "
+                                "or [..., top_logprobs]")
+        rid, token_id, logprob, reason = data[:4]
+        top = check_top_logprobs(data[4]) if len(data) == 5 else None
         if not isinstance(rid, str) or not rid:
             raise ProtocolError("Tokens item rid must be a non-empty string")
         if not is_int(token_id) or token_id < 0:
@@ -35,7 +40,19 @@ class TokenItem(NamedTuple):
         if reason is not None and reason not in FINISH_REASONS:
             raise ProtocolError(f"Tokens item finish_reason must be null or one of {FINISH_REASONS}, "
                                 f"got {reason!r}")
-        return cls(rid, token_id, float(logprob), reason)
+        return cls(rid, token_id, float(logprob), reason, top)
+
+
+def check_top_logprobs(top) -> list | None:
+    """``[[token_id, logprob], ...]`` (at most MAX_TOP_LOGPROBS) or None; raises ProtocolError."""
+    if top is None:
+        return None
+    if not isinstance(top, list) or len(top) > MAX_TOP_LOGPROBS or not all(
+            isinstance(p, list) and len(p) == 2 and is_int(p[0]) and p[0] >= 0
+            and isinstance(p[1], (int, float)) and not isinstance(p[1], bool) for p in top):
+        raise ProtocolError(f"top_logprobs must be a list of at most {MAX_TOP_LOGPROBS} "
+                            "[token_id, logprob] pairs")
+    return top
 
 
 _COUNTS = ("num_blocks", "free_blocks", "running", "waiting", "reserved", "waiting_tokens", "num_steps")

@@ -198,11 +198,14 @@ class FirstToken(Message):
     token_id: int
     logprob: float
     finish_reason: str | None = None
+    num_cached_tokens: int = 0      # prompt tokens found in the prefill worker's prefix cache
+    top_logprobs: list | None = None  # [[token_id, logprob], ...] when the request asked for them
 
 
 @dataclass
 class Tokens(Message):
-    """Decode -> router, one per engine step: ``items`` = [``router.payloads.TokenItem.to_wire()``, ...]."""
+    """Decode -> router, one per engine step: ``items`` = [``router.payloads.TokenItem.to_wire()``, ...]
+    (with a fifth element, the top logprobs, for requests that asked for them)."""
     TAG: ClassVar[int] = 17
     worker_id: str
     step: int

@@ -60,6 +60,11 @@ class Request:
     early: list = field(default_factory=list)  # decode tokens that overtook the first token
     text: list[str] = field(default_factory=list)  # non-streaming: text so far
     deadline: "asyncio.TimerHandle | None" = None
+    logprobs: list | None = None      # (logprob, top alternatives) per output token, when asked for
+    num_cached_tokens: int = 0        # prompt tokens the prefill worker found in its prefix cache
+    first_token_at: float | None = None  # monotonic times, for metrics
+    last_token_at: float = 0.0
+    prefill_sent_at: float = 0.0
 
     def accept_token(self, token_id: int, reason: str | None) -> tuple[str, str | None]:
         """Append one output token. Returns (text to stream, finish reason or None).

@@ -23,15 +23,28 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
+async def _start_http(router: Router, http):
+    """The HTTP gateway, imported only when HTTP is on (it loads Starlette and uvicorn)."""
+    if http is None:
+        return None
+    from router.http.gateway import start_http
+    try:
+        return await start_http(router, http)
+    except BaseException:
+        router.close()
+        raise
+
+
 def run_router(config: RouterConfig, on_ready: Callable[[Router], None] | None = None, *,
-               stop_workers: bool = False) -> None:
+               stop_workers: bool = False, http=None) -> None:
     """Serve until SIGINT/SIGTERM, then close. Workers keep running and re-register with the
-    next router, unless ``stop_workers`` (they get Shutdown). Raises ValueError when the router
-    cannot start."""
+    next router, unless ``stop_workers`` (they get Shutdown). ``http``: an HttpConfig to serve
+    the OpenAI-compatible API too. Raises ValueError when the router cannot start."""
 
     async def main() -> None:
         router = Router(config)
         router.start()
+        gateway = await _start_http(router, http)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -41,6 +54,8 @@ def run_router(config: RouterConfig, on_ready: Callable[[Router], None] | None =
         await stop.wait()
         log.info("router stopping")
         router.close(stop_workers=stop_workers)
+        if gateway is not None:
+            await gateway.close()
 
     loop = new_event_loop()
     try:
@@ -52,9 +67,11 @@ def run_router(config: RouterConfig, on_ready: Callable[[Router], None] | None =
 class RouterThread:
     """A Router on its own event loop in a daemon thread."""
 
-    def __init__(self, config: RouterConfig, model: ModelInfo | None = None):
+    def __init__(self, config: RouterConfig, model: ModelInfo | None = None, http=None):
         self.config = config
         self._model = model
+        self._http = http  # an HttpConfig, or None for no HTTP
+        self.gateway = None
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._run, name="pdserve-router", daemon=True)
         self._ready = threading.Event()
@@ -89,6 +106,7 @@ class RouterThread:
 
     async def _start(self) -> None:
         self.router.start()
+        self.gateway = await _start_http(self.router, self._http)
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout_s: float = 10.0) -> Any:
         """Run ``fn(*args)`` on the router's loop and return its result (thread-safe)."""
@@ -102,6 +120,8 @@ class RouterThread:
             return
         try:
             self.call(self.router.close, stop_workers)
+            if self.gateway is not None:
+                asyncio.run_coroutine_threadsafe(self.gateway.close(), self._loop).result(10)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

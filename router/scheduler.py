@@ -43,6 +43,20 @@ class Outbox(Protocol):
     def error(self, client: bytes, client_rid: str, code: str, message: str) -> None: ...
 
 
+class Observer(Protocol):
+    """Told of each request's milestones (router/metrics.py)."""
+
+    def on_scheduled(self, req: Request) -> None: ...
+
+    def on_token(self, req: Request) -> None: ...
+
+    def on_kv_landed(self, req: Request) -> None: ...
+
+    def on_finished(self, req: Request, reason: str, error_code: str | None) -> None: ...
+
+    def on_rejected(self, code: str) -> None: ...
+
+
 class RequestScheduler:
     def __init__(self, config: RouterConfig, registry: WorkerRegistry, outbox: Outbox,
                  model: ModelInfo | None = None):
@@ -56,6 +70,7 @@ class RequestScheduler:
         self.by_client: dict[bytes, dict[str, Request]] = {}
         self.admission = Admission(config, registry)
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
+        self.observer: Observer | None = None  # router.metrics, when metrics are served
 
     # -- clients ---------------------------------------------------------------------------
     def submit(self, client: bytes, msg: P.Generate) -> None:
@@ -65,6 +80,8 @@ class RequestScheduler:
                                        self.by_client.get(client, {}))
         except Rejected as exc:
             self.counters["rejected"] += 1
+            if self.observer is not None:
+                self.observer.on_rejected(exc.code)
             self.outbox.error(client, exc.client_rid, exc.code, exc.message)
             return
         if req.spec.timeout_s is not None:
@@ -115,6 +132,8 @@ class RequestScheduler:
                 return False
             transport = self.registry.transport_for(prefill, decode) or ""
         req.attempt += 1
+        if req.attempt == 1 and self.observer is not None:
+            self.observer.on_scheduled(req)
         req.transfer_id = f"{req.rid}.{req.attempt}"
         req.state = State.ALLOCATING
         req.handoff_since = time.monotonic()
@@ -151,7 +170,7 @@ class RequestScheduler:
             worker.is_full = True  # after _requeue, which clears it; no schedule() until room
             return
         req.state = State.PREFILLING
-        req.handoff_since = time.monotonic()
+        req.handoff_since = req.prefill_sent_at = time.monotonic()
         req.prefill_holds = True
         if req.prefill is not worker:
             req.prefill.prefix.add(req.prompt_hashes)
@@ -164,6 +183,8 @@ class RequestScheduler:
         if req is not None:
             req.started = True
             req.handoff_since = None
+            if self.observer is not None:
+                self.observer.on_kv_landed(req)
 
     def on_first_token(self, worker: WorkerRecord, msg: P.FirstToken) -> None:
         req = self._current(msg.rid, msg.transfer_id, worker, "prefill")
@@ -181,18 +202,19 @@ class RequestScheduler:
         reason = msg.finish_reason if msg.finish_reason in P.FINISH_REASONS else None
         if reason is not None and req.prefill is req.decode:
             req.decode_holds = False  # the colocated worker ended it itself
-        if not self._emit(req, msg.token_id, reason):
+        req.num_cached_tokens = msg.num_cached_tokens
+        if not self._emit(req, msg.token_id, reason, msg.logprob, msg.top_logprobs):
             return
         early, req.early = req.early, []
-        for token_id, reason in early:
-            if not self._emit(req, token_id, reason):
+        for token_id, reason, logprob, top in early:
+            if not self._emit(req, token_id, reason, logprob, top):
                 return
 
     def on_tokens(self, worker: WorkerRecord, msg: P.Tokens) -> None:
         attempts = self.attempts
         for wire_item in msg.items:
             try:
-                rid, token_id, _, reason = TokenItem.from_wire(wire_item)
+                rid, token_id, logprob, reason, top = TokenItem.from_wire(wire_item)
             except P.ProtocolError as exc:
                 log.warning("worker %s sent a malformed Tokens item: %s", worker.worker_id, exc)
                 continue
@@ -202,9 +224,9 @@ class RequestScheduler:
             if reason is not None:
                 req.decode_holds = False
             if req.got_first:
-                self._emit(req, token_id, reason)
+                self._emit(req, token_id, reason, logprob, top)
             else:
-                req.early.append((token_id, reason))
+                req.early.append((token_id, reason, logprob, top))
 
     def on_worker_error(self, worker: WorkerRecord, msg: P.WorkerError) -> None:
         req = self.attempts.get(msg.rid)
@@ -240,8 +262,12 @@ class RequestScheduler:
         self.schedule()
 
     # -- emitting and finishing ---------------------------------------------------------------
-    def _emit(self, req: Request, token_id: int, reason: str | None) -> bool:
+    def _emit(self, req: Request, token_id: int, reason: str | None, logprob=None, top=None) -> bool:
         """Stream one output token. Returns False once the request is finished."""
+        if req.logprobs is not None:
+            req.logprobs.append((logprob, top))
+        if self.observer is not None:
+            self.observer.on_token(req)
         text, reason = req.accept_token(token_id, reason)
         if reason is not None:
             self._finish(req, reason, [token_id], text)
@@ -273,6 +299,8 @@ class RequestScheduler:
                 del self.by_client[req.client]
         counter = "failed" if error else ("aborted" if reason == P.FINISH_ABORT else "finished")
         self.counters[counter] += 1
+        if self.observer is not None:
+            self.observer.on_finished(req, reason, error[0] if error else None)
         if counter == "finished" and req.decode is not None:
             req.decode.num_decoded += 1
         if notify:

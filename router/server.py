@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from typing import Protocol
 
 import msgpack
 import zmq
@@ -53,6 +54,15 @@ def prepare_ipc_endpoint(endpoint: str) -> None:
     raise ValueError(f"another process is listening on {endpoint}; stop it or choose another endpoint")
 
 
+class LocalClient(Protocol):
+    """A client inside the router process (the HTTP gateway): the scheduler's output for its
+    requests, as the frontend socket would have carried it."""
+
+    def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool: ...
+
+    def error(self, client_rid: str, code: str, message: str) -> None: ...
+
+
 class Router:
     """Serves clients and workers on the running event loop until ``close()``."""
 
@@ -70,6 +80,10 @@ class Router:
         self._backend: LoopSocket | None = None
         self._tick_task: asyncio.Task | None = None
         self._dead_pending: set[WorkerRecord] = set()
+        # In-process clients (the HTTP gateway), by client id: their chunks and errors are
+        # handed over directly instead of sent on the frontend socket.
+        self.local_clients: dict[bytes, LocalClient] = {}
+        self.http_url: str | None = None  # set by the HTTP gateway once it listens
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -244,6 +258,9 @@ class Router:
             self._worker_dead(worker)
 
     def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
+        local = self.local_clients.get(req.client)
+        if local is not None:
+            return local.chunk(req, token_ids, text, finish_reason)
         if self._frontend is None:
             return False
         # Same layout as protocol.encode(Chunk(...)), without building the dataclass.
@@ -252,7 +269,10 @@ class Router:
         return self._frontend.send([req.client, payload])
 
     def error(self, client: bytes, client_rid: str, code: str, message: str) -> None:
-        if self._frontend is not None:
+        local = self.local_clients.get(client)
+        if local is not None:
+            local.error(client_rid, code, message)
+        elif self._frontend is not None:
             self._frontend.send([client, _error_packer.pack([P.Error.TAG, client_rid, code, message])])
 
     # -- status -----------------------------------------------------------------------------
@@ -277,7 +297,7 @@ class Router:
                            "model": model.name if model else None,
                            "fingerprint": self.registry.fingerprint,
                            "kv_spec": self.registry.kv_spec.to_dict() if self.registry.kv_spec else None,
-                           "num_workers": len(self.registry.alive()),
+                           "num_workers": len(self.registry.alive()), "http": self.http_url,
                            **self.scheduler.stats()},
                 "workers": workers}
 

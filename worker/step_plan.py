@@ -15,7 +15,7 @@ from typing import NamedTuple
 from models.request_options import is_int
 
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "seed", "num_top_logprobs")
 
 
 class PlanError(ValueError):
@@ -43,7 +43,7 @@ def _check_list(name: str, value, size: int | None = None) -> list:
 class PlanChunk(NamedTuple):
     """Tokens of one sequence in one step (a prompt chunk, or a decode step's single token).
 
-    ``sampling``: the ``SamplingParams`` fields (``temperature, top_p, top_k, seed``) when this
+    ``sampling``: the ``SamplingParams`` fields (``SAMPLING_KEYS``) when this
     chunk samples a token, None for a middle chunk of a chunked prefill.
     """
     token_ids: list[int]

@@ -23,6 +23,7 @@ from router.bench.arrivals import LoadShape
 from router.bench.metrics import SLO, error_counts, latency_samples_ms, summarize
 from router.bench.report import (ConfigResult, PlotUnavailable, ProgressBar, check_plot_available,
                                  format_table, plot_results, results_json, write_json)
+from router.bench.openai_client import BACKENDS, OpenAIClient
 from router.bench.runner import reported_vocab_size, run_event_loop, run_load, warm_up
 from router.bench.spawn import ClusterSpec, parse_cluster_specs, spawned_cluster
 from router.bench.sweep import SweepConfig, find_max_rate
@@ -31,18 +32,26 @@ from router.client import AsyncClient, ServerError
 from router.config import KV_TRANSPORTS, default_endpoint
 
 CONNECT_TIMEOUT_S = 30.0
+DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 300.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the load test's options to ``parser`` (the ``pdserve bench`` sub-command)."""
     target = parser.add_argument_group("target")
+    target.add_argument("--backend", choices=BACKENDS, default="zmq",
+                        help="zmq: pdserve's client protocol (default); openai / openai-chat: any "
+                             "OpenAI-compatible server at --base-url (pdserve, vLLM, ...)")
+    target.add_argument("--base-url", help="HTTP server of the openai backends "
+                                           f"(default: {DEFAULT_BASE_URL})")
     target.add_argument("--endpoint", help="client endpoint of a running server (default: the one "
                                            "`pdserve serve` listens on by default, or $PDSERVE_ENDPOINT)")
     target.add_argument("--spawn", nargs="+", metavar="CONFIG",
                         help="start a local cluster for each configuration in turn and compare them: "
                              "disagg:<P>p<D>d or colocated:<N> (e.g. disagg:1p1d colocated:2)")
-    target.add_argument("--model", help="model directory for --spawn (default: the built-in demo model)")
+    target.add_argument("--model", help="model directory for --spawn (default: the built-in demo "
+                                        "model); with an openai backend, the model name to request "
+                                        "(default: the first of /v1/models)")
     target.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                         help="KV transport of spawned disaggregated clusters (default: auto)")
     target.add_argument("--tp", type=int, default=1,
@@ -116,6 +125,8 @@ class BenchSettings:
     timeout: float
     curve_dir: str | None
     progress: bool
+    backend: str = "zmq"
+    served_model: str | None = None  # openai backends: the model name to request
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchSettings":
@@ -141,7 +152,8 @@ class BenchSettings:
                    num_prompts=args.num_prompts, num_warmups=args.num_warmups, seed=args.seed,
                    sampling={"temperature": args.temperature, "ignore_eos": args.ignore_eos},
                    vocab_size=args.vocab_size, timeout=args.timeout, curve_dir=args.curve_dir,
-                   progress=not args.no_progress and sys.stderr.isatty())
+                   progress=not args.no_progress and sys.stderr.isatty(), backend=args.backend,
+                   served_model=args.model if args.backend != "zmq" else None)
 
     def params(self) -> dict:
         """The run's parameters, as recorded in the JSON."""
@@ -162,9 +174,17 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def connect(endpoint: str, settings: BenchSettings):
+    """The backend's client: ``endpoint`` is a ZMQ endpoint, or the openai backends' base URL."""
+    if settings.backend == "zmq":
+        return AsyncClient(endpoint, timeout=settings.timeout, curve=settings.curve_dir)
+    return OpenAIClient(endpoint, chat=settings.backend == "openai-chat", model=settings.served_model,
+                        timeout=settings.timeout)
+
+
 async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> ConfigResult:
     """Warm up and measure one server (one run, or a rate sweep). Raises BenchError."""
-    async with AsyncClient(endpoint, timeout=settings.timeout, curve=settings.curve_dir) as client:
+    async with connect(endpoint, settings) as client:
         try:
             status = await asyncio.wait_for(client.status(), CONNECT_TIMEOUT_S)
         except TimeoutError:  # asyncio's and the client's
@@ -172,6 +192,8 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
                              f"pdserve server listening there? (start one with `pdserve serve`)") from None
         except ServerError as exc:
             raise BenchError(f"{endpoint} did not answer the status request: {exc}") from None
+        except OSError as exc:  # the HTTP backends: nothing listening
+            raise BenchError(f"cannot reach {endpoint}: {exc}") from None
         reported = reported_vocab_size(status)
         vocab_size = settings.vocab_size or reported
         if settings.vocab_size and reported and settings.vocab_size > reported:
@@ -249,11 +271,20 @@ def run(args: argparse.Namespace) -> int:
         if specs and args.endpoint:
             raise ValueError("give either --endpoint (a running server) or --spawn CONFIG... (start "
                              "local clusters), not both")
-        endpoint = None if specs else args.endpoint or default_endpoint("client")
-        if not specs and (args.model or args.tp != 1 or args.kv_transport != "auto"):
+        if args.backend != "zmq":
+            if specs or args.endpoint:
+                raise ValueError(f"--backend {args.backend} load-tests the server at --base-url; "
+                                 "--spawn and --endpoint are for the zmq backend")
+            endpoint = args.base_url or DEFAULT_BASE_URL
+        elif args.base_url:
+            raise ValueError("--base-url is for --backend openai or openai-chat")
+        else:
+            endpoint = None if specs else args.endpoint or default_endpoint("client")
+        if not specs and (args.tp != 1 or args.kv_transport != "auto"
+                          or (args.model and args.backend == "zmq")):
             raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "
                              "already has its own")
-        if args.model and not Path(args.model).is_dir():
+        if args.model and args.backend == "zmq" and not Path(args.model).is_dir():
             raise ValueError(f"--model {args.model} is not a directory; give a Hugging Face "
                              f"checkpoint directory, or leave it out for the demo model")
         _check_output_path("--json", args.json)

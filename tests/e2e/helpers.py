@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def serve(tmp_path: Path, *args: str, timeout_s: float = 240.0):
     """Run ``pdserve serve ARGS`` until its ready line; yield (endpoint, process); SIGTERM at the
     end and check it exits cleanly."""
     endpoint = f"ipc://{tmp_path}/client.ipc"
+    if "--port" not in args and "--no-http" not in args:
+        args = ("--port", "0", *args)  # HTTP on a free port: tests run side by side
     proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--listen", endpoint, *args],
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True,
                             start_new_session=True)
@@ -68,6 +71,8 @@ def serve(tmp_path: Path, *args: str, timeout_s: float = 240.0):
                 raise AssertionError(f"pdserve serve exited ({proc.wait()}):\n{log_tail(tmp_path)}")
             if "ready" in line:
                 assert endpoint in line
+                # with HTTP on, the line names the port really bound (never the 0 asked for)
+                assert "--no-http" in args or re.search(r"http http://127\.0\.0\.1:[1-9]\d*", line), line
                 break
         yield endpoint, proc
         pids = worker_pids(endpoint)

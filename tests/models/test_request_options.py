@@ -44,6 +44,8 @@ def test_canonical_form_and_sampling_fields():
     ("stop_token_ids", [-1], "stop_token_ids contains -1"),
     ("stop_token_ids", [1.0], "stop_token_ids contains 1.0"),
     ("ignore_eos", 1, "ignore_eos must be true or false"),
+    ("num_top_logprobs", 21, "num_top_logprobs must be an integer in"),
+    ("num_top_logprobs", True, "num_top_logprobs must be an integer in"),
 ])
 def test_each_malformed_field_is_rejected(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -55,7 +55,8 @@ def test_params_defaults_and_greedy():
 
 def test_params_dict_round_trip_and_errors():
     params = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, seed=123)
-    assert params.to_dict() == {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 123}
+    assert params.to_dict() == {"temperature": 0.7, "top_p": 0.9, "top_k": 40, "seed": 123,
+                                "num_top_logprobs": 0}
     assert SamplingParams.from_dict(params.to_dict()) == params
     assert SamplingParams.from_dict({"top_k": 5}) == SamplingParams(top_k=5)
     with pytest.raises(ValueError, match="unknown sampling parameter.*max_tokens"):
@@ -64,6 +65,20 @@ def test_params_dict_round_trip_and_errors():
         SamplingParams.from_dict([("temperature", 1.0)])
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams.from_dict({"top_p": 2})
+
+
+def test_top_logprobs_are_the_k_best_raw_logprobs():
+    logits = random_logits(3, 50)
+    tops = Sampler.top_logprobs(logits, [2, 0, 20])
+    expected = torch.log_softmax(logits, -1)
+    assert tops[1] is None and len(tops[0]) == 2 and len(tops[2]) == 20
+    for row, top in ((0, tops[0]), (2, tops[2])):
+        order = expected[row].argsort(descending=True)[:len(top)].tolist()
+        assert [t for t, _ in top] == order
+        assert [v for _, v in top] == pytest.approx(expected[row, order].tolist())
+    assert Sampler.top_logprobs(logits, [0, 0, 0]) == [None, None, None]
+    with pytest.raises(ValueError, match="num_top_logprobs"):
+        SamplingParams(num_top_logprobs=21)
 
 
 # -- greedy --------------------------------------------------------------------------------

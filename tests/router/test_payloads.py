@@ -10,8 +10,10 @@ def wire_trip(obj):
 
 
 def test_token_item_round_trip_is_exact():
-    for item in (TokenItem("r1", 5, -0.25, None), TokenItem("r2", 0, 0.0, "length")):
+    for item in (TokenItem("r1", 5, -0.25, None), TokenItem("r2", 0, 0.0, "length"),
+                 TokenItem("r3", 4, -0.5, None, [[4, -0.5], [9, -1.25]])):
         assert TokenItem.from_wire(wire_trip(item.to_wire())) == item
+    assert len(TokenItem("r", 1, 0.0, None).to_wire()) == 4  # no top logprobs: not on the wire
     assert TokenItem.from_wire(["r", 1, -1, "stop"]) == TokenItem("r", 1, -1.0, "stop")
 
 
@@ -26,6 +28,9 @@ def test_token_item_round_trip_is_exact():
     (["r", 1, "x", None], "logprob must be a number"),
     (["r", 1, None, None], "logprob must be a number"),
     (["r", 1, 0.0, "eos"], "finish_reason must be null or one of"),
+    (["r", 1, 0.0, None, [[1]]], "top_logprobs must be a list"),
+    (["r", 1, 0.0, None, [[1, -0.5]] * 21], "top_logprobs must be a list"),
+    (["r", 1, 0.0, None, [[-1, -0.5]]], "top_logprobs must be a list"),
 ])
 def test_token_item_rejects_each_malformed_field(wire, match):
     with pytest.raises(ProtocolError, match=match):

@@ -5,7 +5,7 @@ from models.batch import SequenceChunk
 from models.sampler import SamplingParams
 from worker.step_plan import STOP_PLAN, KVSend, PlanChunk, PlanError, StepPlan
 
-SAMPLING = {"temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 7}
+SAMPLING = {"temperature": 0.5, "top_p": 0.9, "top_k": 3, "seed": 7, "num_top_logprobs": 2}
 CHUNK = PlanChunk([5, 6, 7], 16, [0, 1, 2], SAMPLING, 0)
 MIDDLE = PlanChunk([1, 2], 0, [3], None, 0)
 BEGIN = KVSend("t1", True, False, 0, 8, {"transport": "zmq"}, [0, 1], 20)
