@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "or $PDSERVE_ENDPOINT)")
     serve.add_argument("--router-process", action="store_true",
                        help="run the router as its own process instead of a thread")
+    serve.add_argument("--no-restart", action="store_true",
+                       help="do not restart workers that die (or kill those declared stuck)")
+    _add_liveness_arguments(serve)
     add_engine_arguments(serve)
     add_http_arguments(serve)
 
@@ -48,8 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto")
     router.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
     router.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 'overloaded'")
-    router.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                        help="seconds of worker silence before it is declared dead")
+    _add_liveness_arguments(router)
     router.add_argument("--unavailable-timeout", type=float, default=30.0,
                         help="seconds a request waits for a missing worker role")
     router.add_argument("--handoff-timeout", type=float, default=30.0,
@@ -86,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                        help="seconds of worker silence before it is declared dead")
+    parser.add_argument("--stuck-timeout", type=float, default=10.0,
+                        help="seconds past its slowest step that a worker with work may go without "
+                             "completing a step before it is declared dead")
+
+
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", default=None, help="router client endpoint (default: the "
                                                          "per-user one, or $PDSERVE_ENDPOINT)")
@@ -115,7 +125,9 @@ def cmd_serve(args) -> int:
     cluster = LocalCluster(mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
                            num_workers=args.workers, listen=args.listen or default_endpoint("client"),
                            curve_dir=args.curve_dir, router_in_process=not args.router_process,
-                           log_to_stderr=True, http=http_config_from_args(args), **engine)
+                           log_to_stderr=True, http=http_config_from_args(args), supervise=not args.no_restart,
+                           router_options={"stuck_timeout_s": args.stuck_timeout,
+                                           "heartbeat_timeout_s": args.heartbeat_timeout}, **engine)
     with cluster:
         layout = (f"{args.prefill} prefill + {args.decode} decode" if args.mode == "disagg"
                   else f"{args.workers} colocated")
@@ -135,6 +147,7 @@ def cmd_router(args) -> int:
                           backend=args.backend or default_endpoint("workers"), model_dir=args.model,
                           curve_dir=args.curve_dir, kv_transport=args.kv_transport,
                           max_queue=args.max_queue, heartbeat_timeout_s=args.heartbeat_timeout,
+                          stuck_timeout_s=args.stuck_timeout,
                           unavailable_timeout_s=args.unavailable_timeout,
                           handoff_timeout_s=args.handoff_timeout,
                           prefill_stall_timeout_s=args.prefill_stall_timeout)

@@ -11,8 +11,11 @@ router's answers by request id into per-request inboxes. ::
 
 Leaving a stream early (``break``, ``aclose()``, garbage collection) cancels the request on
 the server. Errors from the server raise ``ServerError`` subclasses; ``ClientTimeout`` is
-raised when nothing arrives for ``timeout`` seconds; losing the connection to the router fails
-every request in flight with ``Unavailable``.
+raised when nothing arrives for ``timeout`` seconds (default ``DEFAULT_TIMEOUT_S``; None waits
+forever); losing the connection to the router fails every request in flight with
+``Unavailable``, and so does connecting where no router listens (within 2 s: a missing ipc
+path, a refused TCP connection). A request over the protocol's limits (16 MiB, 4 Mi token
+ids) raises ``InvalidRequest`` before anything is sent.
 """
 from __future__ import annotations
 
@@ -31,11 +34,18 @@ from router import protocol as P
 from router.client_types import (ClientTimeout, Completion, InternalError, InvalidRequest,  # noqa: F401
                                  Overloaded, RequestMetrics, RequestTimeout, ServerError,
                                  StreamChunk, Unavailable, error_for)
+from router.probe import why_no_listener
 from router.runtime import new_event_loop
 from router.security import CurveKeys, check_endpoint
 from router.sockets import AUTH_FAILED, LoopSocket
+from router.validation import MAX_PROMPT_CHARS
 
 _FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply)
+# Seconds to wait for any reply (the first one of a request, or the next chunk of a stream).
+# The router answers within its own bounds (unavailable, hand-off and stuck-worker timeouts);
+# this is the last line of defence against a router that stopped answering.
+DEFAULT_TIMEOUT_S = 300.0
+_MAX_LIST_ITEMS = P.UNPACK_LIMITS["max_array_len"]
 
 
 class _Inbox:
@@ -115,7 +125,7 @@ class AsyncClient:
     """A connection to a pdserve router. ``curve``: a key directory (``pdserve keys``) or
     CurveKeys, needed when the router uses CurveZMQ."""
 
-    def __init__(self, endpoint: str, *, timeout: float | None = None,
+    def __init__(self, endpoint: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                  curve: str | Path | CurveKeys | None = None):
         check_endpoint(endpoint, "endpoint")
         if timeout is not None and not timeout > 0:
@@ -138,7 +148,12 @@ class AsyncClient:
         await self.close()
 
     def _connect(self) -> LoopSocket:
+        """Connect once. Raises Unavailable when nothing listens at the endpoint."""
         if self._sock is None:
+            why = why_no_listener(self.endpoint)
+            if why is not None:
+                raise Unavailable(P.ERR_UNAVAILABLE, f"no router at {self.endpoint}: {why}; start one with "
+                                                     "`pdserve serve` or pass the right endpoint")
             self._loop = asyncio.get_running_loop()
             self._ctx = zmq.Context()
             sock = self._ctx.socket(zmq.DEALER)
@@ -159,9 +174,11 @@ class AsyncClient:
                  timeout_s: float | None = None) -> AsyncStream:
         """Start a streaming request; iterate the result for ``StreamChunk``s.
 
-        ``timeout_s`` is the server-side deadline (``RequestTimeout``). Raises ServerError
-        subclasses while iterating, ClientTimeout if the router falls silent.
+        ``timeout_s`` is the server-side deadline (``RequestTimeout``). Raises InvalidRequest at
+        once for a request over the protocol's size limits, Unavailable if no router listens,
+        ServerError subclasses while iterating, ClientTimeout if the router falls silent.
         """
+        _check_sizes(prompt, prompt_token_ids)
         params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p,
                   "top_k": top_k, "seed": seed, "stop": stop, "stop_token_ids": stop_token_ids,
                   "ignore_eos": ignore_eos}
@@ -231,6 +248,9 @@ class AsyncClient:
             payload = P.encode(msg)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(P.ERR_INVALID, f"cannot encode the request: {exc}") from None
+        if len(payload) > P.MAX_MESSAGE_BYTES:
+            raise InvalidRequest(P.ERR_INVALID, f"the request packs to {len(payload)} bytes, over the "
+                                                f"{P.MAX_MESSAGE_BYTES}-byte message limit; shorten the prompt")
         self._connect().send([payload])
 
     def _on_message(self, frames: list[bytes]) -> None:
@@ -270,10 +290,20 @@ class AsyncClient:
             pass  # the loop is shutting down
 
 
+def _check_sizes(prompt, prompt_token_ids) -> None:
+    """Refuse what the router could only refuse: over its list and prompt limits."""
+    if isinstance(prompt_token_ids, (list, tuple)) and len(prompt_token_ids) > _MAX_LIST_ITEMS:
+        raise InvalidRequest(P.ERR_INVALID, f"prompt_token_ids has {len(prompt_token_ids)} items, over the "
+                                            f"protocol's limit of {_MAX_LIST_ITEMS} (and any model's length)")
+    if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(P.ERR_INVALID, f"the prompt has {len(prompt)} characters, over the router's "
+                                            f"limit of {MAX_PROMPT_CHARS}; shorten it")
+
+
 class Client:
     """Blocking twin of AsyncClient: same methods; ``generate`` returns a plain iterator."""
 
-    def __init__(self, endpoint: str, *, timeout: float | None = None,
+    def __init__(self, endpoint: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                  curve: str | Path | CurveKeys | None = None):
         self._async = AsyncClient(endpoint, timeout=timeout, curve=curve)
         self._loop = new_event_loop()

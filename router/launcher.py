@@ -9,6 +9,10 @@ the group), started with every endpoint under a per-run temporary directory. ``s
 returns once every worker has registered. ``stop()``: the router tells the workers to shut
 down, then stragglers get SIGTERM, then SIGKILL after a grace period; the directory is removed.
 Workers die with the launching process even if it is killed (PR_SET_PDEATHSIG).
+
+``supervise=True`` (``pdserve serve`` without ``--no-restart``) adds a ``Supervisor``
+(router/supervisor.py) once every worker has registered: it restarts workers that die and kills
+those the router declares stuck.
 """
 from __future__ import annotations
 
@@ -19,12 +23,15 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.config import RouterConfig
 from router.security import check_bind
+from router.supervisor import Supervisor, SupervisorConfig
 
 log = logging.getLogger("pdserve.launcher")
 PARENT_ENV = "PDSERVE_PARENT_PID"
@@ -40,6 +47,7 @@ def threads_per_rank(num_ranks: int, num_cores: int | None = None) -> int:
     num_cores = num_cores or os.cpu_count() or 1
     return max(1, (num_cores - 1) // max(1, num_ranks)) if num_cores > 1 else 1
 _ROUTER_FLAGS = {"max_queue": "--max-queue", "heartbeat_timeout_s": "--heartbeat-timeout",
+                 "stuck_timeout_s": "--stuck-timeout",
                  "unavailable_timeout_s": "--unavailable-timeout", "handoff_timeout_s": "--handoff-timeout",
                  "prefill_stall_timeout_s": "--prefill-stall-timeout"}
 
@@ -50,10 +58,11 @@ class WorkerProcess:
     role: str
     proc: subprocess.Popen
     log_path: Path | None
+    tail: deque = field(default_factory=lambda: deque(maxlen=40))  # last lines, when not in a file
 
     def log_tail(self, num_lines: int = 15) -> str:
         if self.log_path is None or not self.log_path.exists():
-            return "(its output went to stderr)"
+            return "\n".join(list(self.tail)[-num_lines:]) or "(its output went to stderr)"
         lines = self.log_path.read_text(errors="replace").splitlines()
         return "\n".join(lines[-num_lines:])
 
@@ -74,7 +83,8 @@ class LocalCluster:
                  router_in_process: bool = True, router_options: dict | None = None,
                  log_to_stderr: bool = False,
                  startup_timeout_s: float = 300.0, grace_s: float = 10.0,
-                 worker_args: tuple[str, ...] = (), env: dict | None = None, http=None):
+                 worker_args: tuple[str, ...] = (), env: dict | None = None, http=None,
+                 supervise: bool = False, supervisor_config: SupervisorConfig | None = None):
         if mode not in ("disagg", "colocated"):
             raise ValueError(f"--mode must be disagg or colocated, got {mode!r}")
         counts = {"--prefill": num_prefill, "--decode": num_decode} if mode == "disagg" \
@@ -111,8 +121,14 @@ class LocalCluster:
         self.endpoint = ""
         self.backend = ""
         self.workers: list[WorkerProcess] = []
+        self._workers_lock = threading.Lock()  # the supervisor restarts workers from its thread
+        self._extra_args: dict[str, tuple[str, ...]] = {}
         self._router_thread = None
         self._router_proc: subprocess.Popen | None = None
+        self._status_client = None
+        self.supervise = supervise
+        self.supervisor_config = supervisor_config
+        self.supervisor: Supervisor | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> "LocalCluster":
@@ -132,10 +148,39 @@ class LocalCluster:
             for i, role in enumerate(self.roles):
                 self.start_worker(role, f"{role}-{sum(r == role for r in self.roles[:i])}")
             self.wait_for_workers(len(self.roles), self.startup_timeout_s)
+            if self.supervise:
+                self.supervisor = Supervisor(self, self.supervisor_config, self._publish_supervision).start()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _publish_supervision(self, snapshot: dict) -> None:
+        if self._router_thread is not None:
+            self._router_thread.post(lambda router: router.supervision.update(snapshot))
+
+    def worker_processes(self) -> list[WorkerProcess]:
+        """The current process of every worker (a copy; safe from any thread)."""
+        with self._workers_lock:
+            return list(self.workers)
+
+    def router_status(self) -> dict | None:
+        """The router's status dict, or None if it does not answer now."""
+        try:
+            if self._router_thread is not None:
+                return self._router_thread.call(lambda r: r.status(), self._router_thread.router)
+            if self._router_proc is None:
+                return None
+            if self._status_client is None:
+                from router.client import Client
+                self._status_client = Client(self.endpoint, timeout=5)
+            return self._status_client.status()
+        except Exception as exc:  # not started yet, restarting, or gone
+            log.debug("router status not available: %s", exc)
+            if self._status_client is not None:
+                self._status_client.close()
+                self._status_client = None
+            return None
 
     def _start_router(self) -> None:
         model_dir = self.engine["model"]
@@ -162,31 +207,45 @@ class LocalCluster:
         from router.http.config import http_argv
         self._router_proc = self._spawn(argv + http_argv(self.http), "router")
 
-    def start_worker(self, role: str, worker_id: str) -> WorkerProcess:
-        """Spawn one ``pdserve worker`` (also used to restart a killed one)."""
+    def start_worker(self, role: str, worker_id: str, extra_args: tuple[str, ...] | None = None) -> WorkerProcess:
+        """Spawn one ``pdserve worker`` (also used to restart a killed one). ``extra_args``
+        follow the cluster's own options (so they override them) and are remembered for
+        restarts of this worker id."""
+        if extra_args is not None:
+            self._extra_args[worker_id] = tuple(extra_args)
         argv = [sys.executable, "-m", "router.cli", "worker", "--role", role, "--router", self.backend,
                 "--worker-id", worker_id, "--kv-dir", str(self.run_dir)]
         for name, value in self.engine.items():
             if value is not None:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
-        proc = self._spawn(argv + list(self.worker_args), worker_id)
+        return self._add_worker(role, worker_id, argv + list(self.worker_args)
+                                + list(self._extra_args.get(worker_id, ())))
+
+    def _add_worker(self, role: str, worker_id: str, argv: list[str]) -> WorkerProcess:
         log_path = None if self.log_to_stderr else self.run_dir / f"{worker_id}.log"
-        worker = WorkerProcess(worker_id, role, proc, log_path)
-        self.workers = [w for w in self.workers if w.worker_id != worker_id] + [worker]
+        worker = WorkerProcess(worker_id, role, None, log_path)  # type: ignore[arg-type]
+        worker.proc = self._spawn(argv, worker_id, worker.tail)
+        with self._workers_lock:
+            self.workers = [w for w in self.workers if w.worker_id != worker_id] + [worker]
         return worker
 
-    def _spawn(self, argv: list[str], name: str) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], name: str, tail: deque | None = None) -> subprocess.Popen:
         env = {THREADS_ENV: str(threads_per_rank(len(self.roles) * self.engine["tp"])),
                **os.environ, **(self.env or {}), PARENT_ENV: str(os.getpid())}
         if name == "router" and self.http is not None and self.http.api_key:
             env["PDSERVE_API_KEY"] = self.http.api_key  # not on the command line, where ps shows it
-        out = None if self.log_to_stderr else open(self.run_dir / f"{name}.log", "ab")
+        out = subprocess.PIPE if self.log_to_stderr else open(self.run_dir / f"{name}.log", "ab")
         try:
-            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out or sys.stderr,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, start_new_session=True)
         finally:
-            if out is not None:
+            if out is not subprocess.PIPE:
                 out.close()
+        if out is subprocess.PIPE:
+            # Copy its output to our stderr, keeping the last lines (why it failed, if it does).
+            threading.Thread(target=_pump, args=(proc.stdout, tail if tail is not None else deque(maxlen=1)),
+                             name=f"pdserve-log-{name}", daemon=True).start()
+        return proc
 
     def num_registered(self) -> int:
         """Workers the router currently has registered and alive."""
@@ -241,16 +300,23 @@ class LocalCluster:
         self._start_router()
 
     def kill_worker(self, worker_id: str, sig: int = signal.SIGKILL) -> None:
-        """Send ``sig`` to a worker's whole process group (fault-injection in tests)."""
-        for worker in self.workers:
+        """Send ``sig`` to a worker's whole process group (fault-injection in tests); wait for
+        it to exit unless ``sig`` only stops or continues it."""
+        for worker in self.worker_processes():
             if worker.worker_id == worker_id:
                 _signal_group(worker.proc, sig)
-                worker.proc.wait()
+                if sig not in (signal.SIGSTOP, signal.SIGCONT, signal.SIGTSTP):
+                    worker.proc.wait()
                 return
         raise ValueError(f"no worker {worker_id!r}; have {[w.worker_id for w in self.workers]}")
 
     def stop(self) -> None:
         """Stop everything (idempotent): Shutdown, then SIGTERM, then SIGKILL; remove the run dir."""
+        if self.supervisor is not None:
+            self.supervisor.stop()  # first: nothing is restarted while the cluster stops
+        if self._status_client is not None:
+            self._status_client.close()
+            self._status_client = None
         if self._router_thread is not None:
             try:
                 self._router_thread.stop(stop_workers=True)
@@ -259,7 +325,7 @@ class LocalCluster:
             self._router_thread = None
         elif self._router_proc is not None:
             _signal_group(self._router_proc, signal.SIGTERM)
-        procs = [w.proc for w in self.workers] + ([self._router_proc] if self._router_proc else [])
+        procs = [w.proc for w in self.worker_processes()] + ([self._router_proc] if self._router_proc else [])
         _wait_all(procs, self.grace_s)
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
@@ -271,6 +337,17 @@ class LocalCluster:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
+
+
+def _pump(pipe, tail: deque) -> None:
+    for line in iter(pipe.readline, b""):
+        try:
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        tail.append(line.decode(errors="replace").rstrip())
+    pipe.close()
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

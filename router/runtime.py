@@ -114,6 +114,10 @@ class RouterThread:
             return fn(*args)
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(timeout_s)
 
+    def post(self, fn: Callable[[Router], Any]) -> None:
+        """Run ``fn(router)`` on the router's loop soon, without waiting (thread-safe)."""
+        self._loop.call_soon_threadsafe(fn, self.router)
+
     def stop(self, stop_workers: bool = True) -> None:
         """Close the router (telling workers to shut down if ``stop_workers``) and the thread."""
         if not self._thread.is_alive():

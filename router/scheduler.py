@@ -9,7 +9,15 @@ sockets). Invariants:
 - every worker that may hold state for a request (``decode_holds`` / ``prefill_holds``) gets a
   ``Free`` when the request ends or moves on, unless the worker itself reported the end;
 - tokens reach the client in output order exactly once: decode tokens count only after the
-  current attempt's ``Started`` and are held until its first token arrives.
+  current attempt's ``Started`` and are held until its first token arrives;
+- a Generate whose text prompt is being tokenized off the loop is in ``tokenizer`` (keyed by
+  client and client rid; router/tokenizing.py) and nowhere else; it counts toward the queue bound.
+
+Dispatch: queued requests start in order, but one that does not fit now is passed over for
+later ones that do, unless it has waited ``max_head_wait_s`` (then the queue holds for it, so a
+large request cannot starve). A decode worker that refuses a reservation is retried after a
+short backoff (tens of milliseconds, doubling to a second) or as soon as a request on it ends,
+whichever is first; never only at its next heartbeat.
 """
 from __future__ import annotations
 
@@ -28,17 +36,20 @@ from router.model_info import ModelInfo
 from router.payloads import TokenItem
 from router.policy import pick_decode, pick_prefill
 from router.request import Request, State
+from router.tokenizing import PromptTokenizer, TokenizeJob
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
-
+MAX_SCAN_MISSES = 32        # queued requests that do not fit, tried per schedule() pass
+REFUSAL_BACKOFF_S = (0.02, 1.0)  # first and longest wait before retrying a refusing decode worker
 
 
 class Outbox(Protocol):
     def to_worker(self, worker: WorkerRecord, msg: P.Message) -> None: ...
 
     def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
-        """Send a Chunk; False if the client cannot take it (gone, or too far behind)."""
+        """Send a Chunk. False: the request must end now without another answer (the client
+        is gone, or too far behind and was sent an ``overloaded`` error instead)."""
 
     def error(self, client: bytes, client_rid: str, code: str, message: str) -> None: ...
 
@@ -70,24 +81,64 @@ class RequestScheduler:
         self.by_client: dict[bytes, dict[str, Request]] = {}
         self.admission = Admission(config, registry)
         self.counters = {"finished": 0, "aborted": 0, "failed": 0, "rejected": 0, "failovers": 0}
+        self.tokenizer = PromptTokenizer(config.max_tokenizing, self._tokenized)
         self.observer: Observer | None = None  # router.metrics, when metrics are served
 
+    def close(self) -> None:
+        """Stop the tokenizer thread; answer what it still holds with ``unavailable``."""
+        for job in self.tokenizer.close():
+            self.outbox.error(job.client, job.msg.rid, P.ERR_UNAVAILABLE, "the router is shutting down")
+
     # -- clients ---------------------------------------------------------------------------
-    def submit(self, client: bytes, msg: P.Generate) -> None:
-        """Admit and queue a Generate; every refusal is answered with an Error."""
+    def submit(self, client: bytes, msg: P.Generate, *, offload: bool = False) -> None:
+        """Admit and queue a Generate; every refusal is answered with an Error. With
+        ``offload``, a long text prompt is tokenized on the tokenizer thread first
+        (router/tokenizing.py) and the request exists only once that is done; without it, the
+        request exists (or was refused) when this returns."""
+        mine = self.by_client.get(client, {})
+        num_waiting = len(self.waiting) + len(self.tokenizer)
         try:
-            req = self.admission.admit(client, msg, self.model, len(self.waiting),
-                                       self.by_client.get(client, {}))
+            if (client, msg.rid) in self.tokenizer:
+                raise Rejected(msg.rid, P.ERR_INVALID, f"request id {msg.rid!r} is already in use on this connection")
+            if offload and self.admission.is_heavy(msg):
+                if self.tokenizer.is_full:
+                    raise Rejected(msg.rid, P.ERR_OVERLOADED, f"{len(self.tokenizer)} long prompts are "
+                                                              "already being tokenized (the limit); retry later")
+                self.admission.precheck(msg, self.model, num_waiting, mine)
+                self.tokenizer.start(client, msg, self.model)
+                return
+            req = self.admission.admit(client, msg, self.model, num_waiting, mine)
         except Rejected as exc:
-            self.counters["rejected"] += 1
-            if self.observer is not None:
-                self.observer.on_rejected(exc.code)
-            self.outbox.error(client, exc.client_rid, exc.code, exc.message)
+            self._reject(client, exc)
             return
+        self._enqueue(req)
+
+    def _reject(self, client: bytes, exc: Rejected) -> None:
+        self.counters["rejected"] += 1
+        if self.observer is not None:
+            self.observer.on_rejected(exc.code)
+        self.outbox.error(client, exc.client_rid, exc.code, exc.message)
+
+    def _tokenized(self, job: TokenizeJob, encoded: list[int] | Exception) -> None:
+        if isinstance(encoded, Exception):
+            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID,
+                                              f"the prompt could not be tokenized: {encoded}"))
+            return
+        try:
+            req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizer),
+                                       self.by_client.get(job.client, {}), encoded)
+        except Rejected as exc:
+            self._reject(job.client, exc)
+            return
+        self._enqueue(req)
+        if job.cancelled:
+            self._finish(req, P.FINISH_ABORT, [], "")
+
+    def _enqueue(self, req: Request) -> None:
         if req.spec.timeout_s is not None:
             req.deadline = asyncio.get_running_loop().call_later(req.spec.timeout_s, self._expire, req)
         self.requests[req.rid] = req
-        self.by_client.setdefault(client, {})[msg.rid] = req
+        self.by_client.setdefault(req.client, {})[req.client_rid] = req
         self.waiting.append(req)
         self.schedule()
 
@@ -95,30 +146,49 @@ class RequestScheduler:
         req = self.by_client.get(client, {}).get(client_rid)
         if req is not None:
             self._finish(req, P.FINISH_ABORT, [], "")
+        else:
+            self.tokenizer.cancel(client, client_rid)
 
     def client_gone(self, client: bytes) -> None:
         """The client's connection dropped: abort its requests without answering."""
         for req in list(self.by_client.get(client, {}).values()):
             self._finish(req, P.FINISH_ABORT, [], "", notify=False)
+        self.tokenizer.client_gone(client)
 
     # -- dispatch --------------------------------------------------------------------------
     def schedule(self) -> None:
-        """Start queued requests, in order, while a decode worker can hold the next one."""
-        while self.waiting:
-            req = self.waiting[0]
-            if not self._dispatch(req):
-                return
-            self.waiting.popleft()
+        """Start queued requests (see the module docstring for the order)."""
+        if not self.waiting:
+            return
+        now = time.monotonic()
+        i = misses = 0
+        while i < len(self.waiting) and misses < MAX_SCAN_MISSES:
+            req = self.waiting[i]
+            fits = self._dispatch(req)
+            if fits is None:
+                return  # nothing can be placed now, whatever its size
+            if fits:
+                del self.waiting[i]
+                continue
+            if now - req.queued_at > self.config.max_head_wait_s:
+                return  # it waited long enough: nothing overtakes it any more
+            misses += 1
+            i += 1
 
-    def _dispatch(self, req: Request) -> bool:
+    def _dispatch(self, req: Request) -> bool | None:
+        """Place ``req`` on workers: True if placed, False if it does not fit now, None if no
+        request could be placed now (no live decode worker with room, or no prefill worker)."""
         spec = self.registry.kv_spec
         max_len = self.registry.max_model_len()
         if spec is None or max_len is None:
-            return False
+            return None
+        alive = self.registry.alive()
+        if not any(w.can_decode and not w.is_full and w.free_blocks_estimate > 0 for w in alive):
+            return None
         context = req.context_ids
         num_blocks = reservation_blocks(len(context), req.spec.max_tokens, len(req.output_ids), max_len,
                                    spec.block_size)
-        decode = pick_decode(self.registry.alive(), num_blocks)
+        decode = pick_decode(alive, num_blocks)
         if decode is None:
             return False
         if decode.role == "both":
@@ -167,8 +237,11 @@ class RequestScheduler:
             log.debug("decode %s refused %s: %s", worker.worker_id, req.rid, msg.error)
             req.decode_holds = False
             self._requeue(req)
-            worker.is_full = True  # after _requeue, which clears it; no schedule() until room
+            worker.is_full = True  # after _requeue, which clears it
+            self._retry_later(worker)
+            self.schedule()  # other workers may hold it, or later requests
             return
+        worker.num_refusals = 0
         req.state = State.PREFILLING
         req.handoff_since = req.prefill_sent_at = time.monotonic()
         req.prefill_holds = True
@@ -254,6 +327,22 @@ class RequestScheduler:
                     req.prefill_holds = False
                 self.counters["failovers"] += 1
                 self.retry(req, f"worker {worker.worker_id} died")
+
+    def _retry_later(self, worker: WorkerRecord) -> None:
+        """Offer ``worker`` requests again after a backoff (its quarantined blocks may free up
+        at any moment; the router learns of that only by asking)."""
+        if worker.retry_timer is not None:
+            return
+        first, longest = REFUSAL_BACKOFF_S
+        delay = min(longest, first * 2 ** min(worker.num_refusals, 10))
+        worker.num_refusals += 1
+
+        def retry() -> None:
+            worker.retry_timer = None
+            if worker.alive and worker.is_full:
+                worker.is_full = False
+                self.schedule()
+        worker.retry_timer = asyncio.get_running_loop().call_later(delay, retry)
 
     def on_capacity(self, worker: WorkerRecord | None = None) -> None:
         """A worker registered, or reported load: it may take queued requests again."""
@@ -371,4 +460,4 @@ class RequestScheduler:
         for req in self.requests.values():
             states[req.state.value] += 1
         return {"queued": len(self.waiting), "active": len(self.requests) - len(self.waiting),
-                "states": states, **self.counters}
+                "tokenizing": len(self.tokenizer), "states": states, **self.counters}

@@ -3,8 +3,13 @@
 This module owns the sockets and turns messages into calls on the ``RequestScheduler``
 (router/scheduler.py) and the ``WorkerRegistry`` (router/workers.py); the scheduler sends
 through this class (it is the scheduler's ``Outbox``). Every inbound message is size-limited
-(``zmq.MAXMSGSIZE``), unpacked with limits and type-checked (``protocol.decode``); a malformed
-one is answered with an error when its request id can be read, else dropped. torch-free.
+(``zmq.MAXMSGSIZE``), unpacked with limits and type-checked (``protocol.decode``). A malformed
+one is answered with an error when its request id can be read; when it cannot, every request the
+same connection has in flight fails with a clear error (one of them may be the one it meant),
+so no request is left waiting for an answer that will never come. torch-free.
+
+Hooks for other modules (metrics, status): ``Router.supervision`` holds, per worker id, what the
+local supervisor reports (``restarts``, ``gave_up``), and ``Router.num_restarts`` their total.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import msgpack
 import zmq
 
 from router import protocol as P
+from router.client_queue import BACKLOGGED, GONE, ClientSender
 from router.config import RouterConfig
+from router.liveness import DISCONNECTED
 from router.model_info import ModelInfo
 from router.payloads import HeartbeatStats
 from router.request import Request
@@ -80,6 +87,11 @@ class Router:
         self._backend: LoopSocket | None = None
         self._tick_task: asyncio.Task | None = None
         self._dead_pending: set[WorkerRecord] = set()
+        self._behind_since: float | None = None  # since when worker messages wait unread at ticks
+        self.clients: ClientSender | None = None
+        # Written by the local supervisor (router/supervisor.py) on this loop: worker id ->
+        # {"restarts": int, "gave_up": str | None}. Read by status() and metrics.
+        self.supervision: dict[str, dict] = {}
         # In-process clients (the HTTP gateway), by client id: their chunks and errors are
         # handed over directly instead of sent on the frontend socket.
         self.local_clients: dict[bytes, LocalClient] = {}
@@ -95,7 +107,7 @@ class Router:
         if keys is not None:
             self._auth = keys.start_authenticator(self._ctx)
         front = self._make_socket(keys, "frontend", hwm=self.config.max_client_backlog)
-        back = self._make_socket(keys, "backend", hwm=0)
+        back = self._make_socket(keys, "backend", hwm=self.config.max_worker_backlog)
         try:
             front.bind(self.config.frontend)
             back.bind(self.config.backend)
@@ -105,6 +117,7 @@ class Router:
             self._stop_auth()
             raise ValueError(f"cannot bind {self.config.frontend} / {self.config.backend}: {exc}") from None
         self._frontend = LoopSocket(front, self._on_client, on_disconnect=self._on_client_gone)
+        self.clients = ClientSender(self._frontend)
         self._backend = LoopSocket(back, self._on_worker, on_disconnect=self._on_worker_gone)
         self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop())
         log.info("router listening for clients on %s and workers on %s", self.config.frontend,
@@ -115,7 +128,8 @@ class Router:
         sock.linger = 0
         sock.router_mandatory = 1
         sock.sndhwm = hwm
-        sock.rcvhwm = 10_000 if domain == "frontend" else 0
+        # Inbound bounds: past them zmq stops reading that peer (backpressure), never drops.
+        sock.rcvhwm = 10_000 if domain == "frontend" else self.config.max_worker_backlog
         sock.set(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         if keys is not None:
             keys.apply_server(sock, domain)
@@ -128,6 +142,7 @@ class Router:
             return
         for req in list(self.scheduler.requests.values()):
             self.scheduler.fail(req, P.ERR_UNAVAILABLE, "the router is shutting down")
+        self.scheduler.close()
         if stop_workers:
             for worker in self.registry.alive():
                 self.to_worker(worker, P.Shutdown("the router is shutting down"))
@@ -149,11 +164,28 @@ class Router:
         while True:
             await asyncio.sleep(self.config.tick_s)
             now = time.monotonic()
-            for worker in self.registry.expired(now, self.config.heartbeat_timeout_s):
-                log.warning("worker %s sent nothing for %.1fs: declared dead", worker.worker_id,
-                            now - worker.last_seen)
-                self._worker_dead(worker)
+            self._judge_liveness(now)
             self.watchdog.tick(now)
+            self.clients.flush()
+
+    def _judge_liveness(self, now: float) -> None:
+        # While worker messages wait unread, silence or a frozen step count may be the router's
+        # own backlog: judge once it has caught up (or has been behind for a whole heartbeat
+        # timeout, so that a flood cannot hide a dead worker forever).
+        if self._backend.has_input():
+            self._behind_since = self._behind_since or now
+            if now - self._behind_since < self.config.heartbeat_timeout_s:
+                return
+        self._behind_since = None
+        for worker, rule, reason in self.registry.verdicts(now, self.config.heartbeat_timeout_s,
+                                                           self.config.stuck_timeout_s):
+            log.warning("worker %s (pid %s) %s: declared dead (%s)", worker.worker_id, worker.pid, reason, rule)
+            self._worker_dead(worker, rule, reason)
+
+    @property
+    def num_restarts(self) -> int:
+        """Worker restarts by the local supervisor, all workers together."""
+        return sum(s.get("restarts", 0) for s in self.supervision.values())
 
     # -- clients ----------------------------------------------------------------------------
     def _on_client(self, frames: list[bytes]) -> None:
@@ -163,18 +195,37 @@ class Router:
         try:
             msg = P.decode(payload, P.CLIENT_TO_ROUTER)
         except P.ProtocolError as exc:
-            rid = _rid_of(payload)
-            if rid is not None:
-                self.error(client, rid, P.ERR_INVALID, f"malformed request: {exc}")
+            self._on_malformed(client, payload, exc)
             return
         if isinstance(msg, P.Generate):
-            self.scheduler.submit(client, msg)
+            if self.clients.is_backlogged(client):
+                self.scheduler.counters["rejected"] += 1
+                self.error(client, msg.rid, P.ERR_OVERLOADED,
+                           "this connection is not reading its replies (its backlog is full); "
+                           "read the replies, then retry")
+                return
+            self.scheduler.submit(client, msg, offload=True)
         elif isinstance(msg, P.Cancel):
             self.scheduler.cancel(client, msg.rid)
         elif isinstance(msg, P.StatusRequest):
-            self._frontend.send([client, P.encode(P.StatusReply(msg.rid, self.status()))])
+            self.clients.send(client, P.encode(P.StatusReply(msg.rid, self.status())), final=True)
+
+    def _on_malformed(self, client: bytes, payload: bytes, exc: P.ProtocolError) -> None:
+        why = (f"malformed request: {exc} (a message holds at most {P.MAX_MESSAGE_BYTES} bytes and a "
+               f"list at most {P.UNPACK_LIMITS['max_array_len']} items)")
+        rid = _rid_of(payload)
+        mine = self.scheduler.by_client.get(client, {})
+        if rid is not None and rid not in mine:
+            self.error(client, rid, P.ERR_INVALID, why)
+            return
+        # It may concern any request of this connection: fail them all rather than leave the
+        # one it meant waiting forever.
+        for req in list(mine.values()) if rid is None else [mine[rid]]:
+            self.scheduler.fail(req, P.ERR_INVALID, f"this connection sent a message the router could not "
+                                                    f"parse, so its requests in flight were failed; {why}")
 
     def _on_client_gone(self, client: bytes) -> None:
+        self.clients.forget(client)
         self.scheduler.client_gone(client)
 
     # -- workers ----------------------------------------------------------------------------
@@ -195,7 +246,7 @@ class Router:
             if isinstance(msg, P.Heartbeat):  # a worker this router does not know: re-register
                 self._backend.send([identity, P.encode(P.HeartbeatAck(msg.worker_id, False))])
             return
-        worker.last_seen = time.monotonic()
+        worker.last_seen = now = time.monotonic()
         sched = self.scheduler
         if isinstance(msg, P.Tokens):
             sched.on_tokens(worker, msg)
@@ -204,6 +255,8 @@ class Router:
                 worker.stats = HeartbeatStats.from_wire(msg.stats)
             except P.ProtocolError as exc:
                 log.warning("worker %s sent malformed heartbeat stats: %s", worker.worker_id, exc)
+            else:
+                worker.progress.observe(worker.stats, now)
             self._backend.send([identity, P.encode(P.HeartbeatAck(worker.worker_id, True))])
             sched.on_capacity(worker)
         elif isinstance(msg, P.Allocated):
@@ -235,10 +288,10 @@ class Router:
         worker = self.registry.by_identity.get(identity)
         if worker is not None:
             log.warning("worker %s disconnected: declared dead", worker.worker_id)
-            self._worker_dead(worker)
+            self._worker_dead(worker, DISCONNECTED, "its connection dropped")
 
-    def _worker_dead(self, worker: WorkerRecord) -> None:
-        if self.registry.mark_dead(worker):
+    def _worker_dead(self, worker: WorkerRecord, rule: str, reason: str) -> None:
+        if self.registry.mark_dead(worker, rule, reason):
             self.scheduler.on_worker_dead(worker)
 
     # -- Outbox (used by the scheduler) -----------------------------------------------------
@@ -246,7 +299,8 @@ class Router:
         if self._backend is None:
             return
         if not self._backend.send([worker.identity, P.encode(msg)]) and worker.alive:
-            # Its connection is gone; handle the death outside the scheduler's current call.
+            # Its connection is gone, or it fell max_worker_backlog messages behind: dead
+            # either way. Handle the death outside the scheduler's current call.
             if worker not in self._dead_pending:
                 self._dead_pending.add(worker)
                 asyncio.get_running_loop().call_soon(self._deferred_death, worker)
@@ -254,10 +308,13 @@ class Router:
     def _deferred_death(self, worker: WorkerRecord) -> None:
         self._dead_pending.discard(worker)
         if worker.alive:
-            log.warning("worker %s is unreachable: declared dead", worker.worker_id)
-            self._worker_dead(worker)
+            log.warning("worker %s is unreachable or %d messages behind: declared dead",
+                        worker.worker_id, self.config.max_worker_backlog)
+            self._worker_dead(worker, "unreachable", "the router could not send to it")
 
     def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
+        """Send a Chunk. False: the request must end now, already answered (the client is
+        gone, or too far behind: then it got an ``overloaded`` error instead)."""
         local = self.local_clients.get(req.client)
         if local is not None:
             return local.chunk(req, token_ids, text, finish_reason)
@@ -266,14 +323,19 @@ class Router:
         # Same layout as protocol.encode(Chunk(...)), without building the dataclass.
         payload = _chunk_packer.pack([P.Chunk.TAG, req.client_rid, token_ids, text, finish_reason,
                                       req.num_prompt_tokens])
-        return self._frontend.send([req.client, payload])
+        result = self.clients.send(req.client, payload, final=finish_reason is not None)
+        if result == BACKLOGGED:
+            self.error(req.client, req.client_rid, P.ERR_OVERLOADED,
+                       f"this connection fell {self.config.max_client_backlog} messages behind (it is not "
+                       "reading its replies), so the stream was stopped; read faster or open fewer streams")
+        return result not in (BACKLOGGED, GONE)
 
     def error(self, client: bytes, client_rid: str, code: str, message: str) -> None:
         local = self.local_clients.get(client)
         if local is not None:
             local.error(client_rid, code, message)
         elif self._frontend is not None:
-            self._frontend.send([client, _error_packer.pack([P.Error.TAG, client_rid, code, message])])
+            self.clients.send(client, _error_packer.pack([P.Error.TAG, client_rid, code, message]), final=True)
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict:
@@ -292,22 +354,36 @@ class Router:
                 "num_prefilled": w.num_prefilled, "num_decoded": w.num_decoded,
                 "pid": w.info.get("pid"), "host": w.info.get("host"),
                 "stats": w.stats.to_wire() if w.stats is not None else {},
+                "dead_rule": None if w.alive else w.dead_rule,
+                "dead_reason": None if w.alive else w.dead_reason,
+                "restarts": self.supervision.get(w.worker_id, {}).get("restarts", 0),
             })
         return {"router": {"uptime_s": round(time.monotonic() - self.started_at, 3),
                            "model": model.name if model else None,
                            "fingerprint": self.registry.fingerprint,
                            "kv_spec": self.registry.kv_spec.to_dict() if self.registry.kv_spec else None,
                            "num_workers": len(self.registry.alive()), "http": self.http_url,
+                           "restarts": self.num_restarts,
+                           "given_up": {wid: s["gave_up"] for wid, s in self.supervision.items()
+                                        if s.get("gave_up")},
+                           "client_replies_dropped": self.clients.num_dropped if self.clients else 0,
                            **self.scheduler.stats()},
                 "workers": workers}
 
 
 def _rid_of(payload: bytes) -> str | None:
-    """The request id of a malformed client message, if it can be read at all."""
+    """The request id of a malformed client message, if it can be read at all. Only the head
+    ``[tag, rid, ...`` is read, so a message whose later fields break the limits (a prompt of
+    ten million token ids) still gets its error reply."""
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=P.MAX_MESSAGE_BYTES, **P.UNPACK_LIMITS)
     try:
-        obj = msgpack.unpackb(payload, raw=False, **P.UNPACK_LIMITS)
-    except Exception:
+        unpacker.feed(payload)
+        if unpacker.read_array_header() < 2:
+            return None
+        unpacker.skip()
+        rid = unpacker.unpack()
+    except Exception:  # msgpack raises several types for malformed input
         return None
-    if isinstance(obj, list) and len(obj) >= 2 and isinstance(obj[1], str) and 0 < len(obj[1]) <= 256:
-        return obj[1]
+    if isinstance(rid, str) and 0 < len(rid) <= 256:
+        return rid
     return None

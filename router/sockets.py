@@ -34,6 +34,8 @@ _raw_send = zmq.backend.Socket.send
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 AUTH_FAILED = b"auth"
+# Outcomes of LoopSocket.send_to_peer.
+SENT, FULL, GONE = "sent", "full", "gone"
 
 
 class LoopSocket:
@@ -75,15 +77,9 @@ class LoopSocket:
         """
         if self._closed:
             return False
-        self._schedule_drain()
         if self._is_router:
-            try:
-                self._send_now(frames)
-                return True
-            except zmq.ZMQError as exc:
-                if exc.errno in (zmq.EHOSTUNREACH, zmq.EAGAIN):
-                    return False
-                raise
+            return self.send_to_peer(frames) == SENT
+        self._schedule_drain()
         if not self._pending:
             try:
                 self._send_now(frames)
@@ -92,6 +88,22 @@ class LoopSocket:
                 pass
         self._pending.append(frames)
         return True
+
+    def send_to_peer(self, frames: list[bytes]) -> str:
+        """ROUTER socket: send to the peer named by ``frames[0]`` without waiting. Returns
+        ``SENT``, ``FULL`` (its queue is at the high-water mark) or ``GONE`` (no such peer)."""
+        if self._closed:
+            return GONE
+        self._schedule_drain()
+        try:
+            self._send_now(frames)
+            return SENT
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EAGAIN:
+                return FULL
+            if exc.errno == zmq.EHOSTUNREACH:
+                return GONE
+            raise
 
     def _send_now(self, frames: list[bytes]) -> None:
         """All frames or none: zmq accepts a multipart message whole once its first frame is in."""
@@ -104,6 +116,15 @@ class LoopSocket:
     def num_pending(self) -> int:
         """Messages waiting for room in the socket's queue (non-ROUTER sockets)."""
         return len(self._pending)
+
+    def has_input(self) -> bool:
+        """Whether messages wait unread (the loop is behind on this socket)."""
+        if self._closed:
+            return False
+        if self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            self._schedule_drain()  # reading EVENTS may consume the edge: make sure we drain
+            return True
+        return False
 
     def clear_pending(self) -> None:
         self._pending.clear()

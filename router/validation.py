@@ -53,10 +53,12 @@ def validate_rid(rid) -> None:
         raise InvalidRequest(f"rid must be a non-empty string of at most {MAX_RID_CHARS} characters")
 
 
-def validate_generate(msg: P.Generate, model: ModelInfo, max_model_len: int) -> RequestSpec:
-    """Check a Generate against the model; tokenize a text prompt. Raises InvalidRequest."""
+def validate_generate(msg: P.Generate, model: ModelInfo, max_model_len: int,
+                      encoded: list[int] | None = None) -> RequestSpec:
+    """Check a Generate against the model; tokenize a text prompt (unless ``encoded`` holds its
+    token ids already, tokenized off the loop by router/tokenizing.py). Raises InvalidRequest."""
     validate_rid(msg.rid)
-    prompt_ids = _prompt_ids(msg, model, max_model_len)
+    prompt_ids = _prompt_ids(msg, model, max_model_len, encoded)
     options, stop = _params(msg.params, model)
     stream = msg.stream
     if not isinstance(stream, bool):
@@ -76,21 +78,29 @@ def _too_long(num_tokens: int, max_model_len: int) -> InvalidRequest:
                           f"{max_model_len} (prompt and output together); shorten the prompt")
 
 
-def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[int]:
+def check_text_prompt(msg: P.Generate, model: ModelInfo, max_model_len: int) -> None:
+    """The checks on a text prompt that come before tokenizing it. Raises InvalidRequest."""
     if (msg.prompt is None) == (msg.prompt_token_ids is None):
         raise InvalidRequest("give exactly one of prompt (text) and prompt_token_ids")
+    if msg.prompt is None:
+        return
+    if not msg.prompt:
+        raise InvalidRequest("the prompt is empty; send at least one character")
+    # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
+    max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
+    if len(msg.prompt) > max_chars:
+        raise InvalidRequest(f"the prompt has {len(msg.prompt)} characters, far more than the "
+                             f"max model length of {max_model_len} tokens; shorten the prompt")
+    if model.tokenizer is None:
+        raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
+                             "instead of text")
+
+
+def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int,
+                encoded: list[int] | None) -> list[int]:
+    check_text_prompt(msg, model, max_model_len)
     if msg.prompt is not None:
-        if not msg.prompt:
-            raise InvalidRequest("the prompt is empty; send at least one character")
-        # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
-        max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
-        if len(msg.prompt) > max_chars:
-            raise InvalidRequest(f"the prompt has {len(msg.prompt)} characters, far more than the "
-                                 f"max model length of {max_model_len} tokens; shorten the prompt")
-        if model.tokenizer is None:
-            raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
-                                 "instead of text")
-        ids = model.tokenizer.encode(msg.prompt)
+        ids = encoded if encoded is not None else model.tokenizer.encode(msg.prompt)
         if not ids:
             raise InvalidRequest("the prompt encodes to no tokens; send some text")
         if len(ids) >= max_model_len:

@@ -20,6 +20,11 @@ declared the worker dead), the link calls ``on_router_lost()`` once (the worker 
 request and free all its KV), discards undelivered messages both ways, and registers again
 until a router accepts it; ``recv()`` then carries on with the new router's messages. A router
 that refuses the re-registration makes ``recv()`` raise ``RegistrationRefused``.
+
+Bound: the messages waiting for ``recv()`` need no limit of their own. The router sends a worker
+a few messages per request it places there, the requests it places are bounded (its queue bound
+and the decode workers' KV), and a worker whose socket falls ``max_worker_backlog`` messages
+behind is declared dead by the router.
 """
 from __future__ import annotations
 

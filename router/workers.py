@@ -2,16 +2,20 @@
 
 A worker is accepted only if its Register info is well formed and its model fingerprint and KV
 spec equal the cluster's (the router's ``--model`` fingerprint, else the first accepted
-worker's). A worker is dead when its connection drops or it misses heartbeats; a dead worker
-that speaks again is told it is unknown (``HeartbeatAck(registered=False)``) and registers anew.
+worker's). A worker is dead when its connection drops or a liveness rule (router/liveness.py)
+says so; a dead worker that speaks again is told it is unknown (``HeartbeatAck(registered=False)``)
+and registers anew, unless it was declared stuck or unhealthy: that process is refused until it
+restarts.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 
 from kvtransfer.negotiate import choose_transport
 from kvtransfer.spec import KVSpec
+from router.liveness import BROKEN, DISCONNECTED, Progress, verdict
 from router.payloads import HeartbeatStats
 from router.policy import PrefixIndex
 from router.protocol import ROLES
@@ -25,6 +29,7 @@ REGISTER_INFO_TYPES = {"role": str, "tp_size": int, "kv_spec": dict, "fingerprin
 OPTIONAL_INFO_TYPES = {"model": str, "model_dir": str, "eos_token_ids": list, "pid": int,
                        "host": str, "block_size": int}
 MAX_DEAD_RECORDS = 64
+MAX_REFUSED_PROCESSES = 256
 
 
 class RegistrationError(ValueError):
@@ -52,15 +57,25 @@ class WorkerRecord:
     num_decoding: int = 0           # requests placed here as their decode worker
     outstanding_tokens: int = 0     # prompt tokens sent here for prefill, not yet done
     num_prefilling: int = 0
-    is_full: bool = False           # refused an Allocate; cleared by a heartbeat or a free
+    is_full: bool = False           # refused an Allocate; cleared by a free, a retry timer or a heartbeat
+    num_refusals: int = 0           # refusals since its last accepted Allocate (sets the retry backoff)
+    retry_timer: "asyncio.TimerHandle | None" = None
     num_prefilled: int = 0          # first tokens it produced (prefill or colocated)
     num_decoded: int = 0            # requests that finished with it as their decode worker
     last_progress: float = 0.0      # when it last produced a first token (or registered)
+    progress: Progress = field(default_factory=Progress)  # step counter and health (heartbeats)
+    dead_rule: str | None = None    # why it was declared dead: a router.liveness rule name
+    dead_reason: str | None = None  # ... in words
     prefix: PrefixIndex = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.prefix is None:
             self.prefix = PrefixIndex(max(1, self.num_blocks))
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.info.get("pid")
+        return pid if isinstance(pid, int) else None
 
     @property
     def can_decode(self) -> bool:
@@ -106,6 +121,8 @@ class WorkerRegistry:
         self.by_id: dict[str, WorkerRecord] = {}
         self.by_identity: dict[bytes, WorkerRecord] = {}
         self._pair_transport: dict[tuple[str, str], str | None] = {}  # negotiated once per pair
+        # (worker_id, pid) of processes declared stuck or unhealthy -> why; bounded, oldest first out.
+        self._refused: dict[tuple[str, int | None], str] = {}
 
     def register(self, identity: bytes, worker_id: str, info: dict, now: float) -> WorkerRecord:
         """Accept a worker, or raise RegistrationError saying why it is refused.
@@ -118,6 +135,10 @@ class WorkerRegistry:
         if not isinstance(worker_id, str) or not 0 < len(worker_id) <= 256:
             raise RegistrationError("worker_id must be a non-empty string of at most 256 characters")
         check_info(info)
+        why = self._refused.get((worker_id, info.get("pid")))
+        if why is not None:
+            raise RegistrationError(f"this worker process (pid {info.get('pid')}) was declared dead: {why}; "
+                                    "it must restart before it can serve again")
         old = self.by_id.get(worker_id)
         if old is not None and old.alive:
             raise RegistrationError(f"worker id {worker_id!r} is already registered by a live worker "
@@ -163,17 +184,28 @@ class WorkerRegistry:
         self._trim_dead()
         return worker
 
-    def mark_dead(self, worker: WorkerRecord) -> bool:
-        """Declare a worker dead; False if it already was."""
+    def mark_dead(self, worker: WorkerRecord, rule: str = DISCONNECTED, reason: str = "") -> bool:
+        """Declare a worker dead (``rule``: a router.liveness rule name); False if it already was."""
         if not worker.alive:
             return False
         worker.alive = False
+        worker.dead_rule, worker.dead_reason = rule, reason or rule
         self.by_identity.pop(worker.identity, None)
+        if rule in BROKEN:
+            self._refused[(worker.worker_id, worker.pid)] = f"{rule}: {reason}"
+            while len(self._refused) > MAX_REFUSED_PROCESSES:
+                del self._refused[next(iter(self._refused))]
         return True
 
-    def expired(self, now: float, timeout_s: float) -> list[WorkerRecord]:
-        """Live workers that sent nothing for ``timeout_s``."""
-        return [w for w in self.by_identity.values() if now - w.last_seen > timeout_s]
+    def verdicts(self, now: float, heartbeat_timeout_s: float,
+                 stuck_timeout_s: float) -> list[tuple[WorkerRecord, str, str]]:
+        """Live workers a liveness rule (router/liveness.py) declares dead now: (worker, rule, reason)."""
+        found = []
+        for w in self.by_identity.values():
+            v = verdict(w.progress, w.last_seen, now, heartbeat_timeout_s, stuck_timeout_s)
+            if v is not None:
+                found.append((w, *v))
+        return found
 
     def alive(self) -> list[WorkerRecord]:
         return list(self.by_identity.values())

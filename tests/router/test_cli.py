@@ -63,9 +63,9 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert out.stderr.strip().splitlines()[-1].startswith("pdserve router: --listen tcp://0.0.0.0:5999 is "
                                                           "reachable from other hosts")
     assert "Traceback" not in out.stderr
-    out = run_cli("generate", "hi", "--endpoint", f"ipc://{tmp_path}/nobody.ipc", "--timeout", "0.5")
+    out = run_cli("generate", "hi", "--endpoint", f"ipc://{tmp_path}/nobody.ipc")
     assert out.returncode == 1 and "Traceback" not in out.stderr
-    assert "no answer from a router at ipc://" in out.stderr
+    assert f"no router at ipc://{tmp_path}/nobody.ipc: {tmp_path}/nobody.ipc does not exist" in out.stderr
     out = run_cli("generate", "x", "--endpoint", "nonsense")
     assert out.returncode == 1 and "is not a zmq endpoint" in out.stderr
     out = run_cli("generate")
@@ -75,3 +75,18 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
 def test_bench_is_delegated_with_its_own_options():
     out = run_cli("bench", "--help")
     assert out.returncode == 0 and "--num-prompts" in out.stdout and out.stdout.startswith("usage: pdserve bench")
+
+
+def test_serve_supervision_options_and_status_table_shows_restarts():
+    from router.status_table import format_status
+
+    args = build_parser().parse_args(["serve", "--no-restart", "--stuck-timeout", "3", "--heartbeat-timeout", "2"])
+    assert (args.no_restart, args.stuck_timeout, args.heartbeat_timeout) == (True, 3.0, 2.0)
+    assert build_parser().parse_args(["serve"]).no_restart is False
+    text = format_status({"router": {"restarts": 3, "given_up": {"decode-9": "exited with code 2 ..."}},
+                          "workers": [{"id": "decode-0", "role": "decode", "alive": False, "restarts": 2,
+                                       "dead_rule": "stuck", "transports": ["shm"]}]})
+    assert "restarts 3" in text.splitlines()[0]
+    row = text.splitlines()[2].split()
+    assert row[0] == "decode-0" and row[-3:] == ["2", "no", "(stuck)"]
+    assert text.splitlines()[-1] == "given up on decode-9: exited with code 2 ..."

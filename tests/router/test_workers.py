@@ -69,7 +69,7 @@ def test_duplicate_live_id_refused_restart_after_death_accepted_repeat_is_idempo
 def test_liveness_expiry_and_forced_transport():
     reg, (p, d) = registry("prefill", "decode")
     p.last_seen = 10.0
-    assert reg.expired(12.0, 5.0) == [d]
+    assert reg.verdicts(12.0, 5.0, 3.0) == [(d, "silent", "sent nothing for 12.0s")]
     assert reg.transport_for(p, d) == "shm"
     assert reg.transport_for(d, d) == "local"
     other_host = {"transports": ["shm", "zmq"], "host": "h2", "boot_id": "c", "shm_id": "s"}
