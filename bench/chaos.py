@@ -227,7 +227,8 @@ def settle_and_count_leaks(endpoint: str, num_workers: int, timeout_s: float) ->
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the result here")
-    parser.add_argument("--model", help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--model", default="demo",
+                        help="anything `pdserve serve --model` takes (default: demo)")
     parser.add_argument("--mode", choices=("disagg", "colocated"), default="disagg")
     parser.add_argument("--prefill", type=int, default=2)
     parser.add_argument("--decode", type=int, default=2)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvtransfer.spec import DTYPE_SIZES, KVSpec
+from models.gguf_file import INDEX_FILE as GGUF_INDEX
+from models.gguf_file import GGUFIndex, fingerprint_fields
 
 # architecture name in config.json -> (family, has q/k/v bias by default, has q/k RMSNorm)
 ARCHITECTURES = {
@@ -179,13 +181,17 @@ class ModelConfig:
 
 def model_fingerprint(model_dir: str | Path) -> str:
     """A short stable hash of ``config.json`` and every safetensors header (names, shapes,
-    dtypes): equal for identical checkpoints wherever they live. Raises ``ValueError`` on a
-    missing config, no weights or an unreadable header."""
+    dtypes), or of a converted GGUF's tensor table: equal for identical checkpoints wherever
+    they live. Raises ``ValueError`` on a missing config, no weights or an unreadable header."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
     config = _read_json(model_dir / "config.json", required=True)
     digest.update(json.dumps(config, sort_keys=True).encode())
     files = sorted(model_dir.glob("*.safetensors"))
+    if not files and (model_dir / GGUF_INDEX).is_file():
+        index = GGUFIndex.load(model_dir)
+        digest.update(json.dumps(fingerprint_fields(index)).encode())
+        return digest.hexdigest()[:16]
     if not files:
         raise ValueError(f"no *.safetensors weights in {model_dir}")
     tensors = {}

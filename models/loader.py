@@ -1,15 +1,18 @@
-"""Build a model on the meta device and fill it from safetensors, each rank reading only
-its own slice of each tensor (memory-mapped ``get_slice``, never the full tensor)."""
+"""Build a model on the meta device and fill it from safetensors or GGUF, each rank reading
+only its own slice of each tensor (memory-mapped ``get_slice`` or ``GGUFSlice``, never the full
+tensor): the loop hands every checkpoint tensor to its parameter's ``weight_loader``."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from models.config import ModelConfig
+from models.gguf_file import INDEX_FILE as GGUF_INDEX
 from models.llama import LlamaForCausalLM
 from models.parallel import SINGLE, ParallelContext
 
@@ -68,8 +71,40 @@ def weight_files(model_dir: Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if single.is_file():
         return [single]
-    raise ValueError(f"no model.safetensors or model.safetensors.index.json in {model_dir}; "
-                     "only safetensors checkpoints are supported")
+    raise ValueError(f"no model.safetensors, model.safetensors.index.json or {GGUF_INDEX} in "
+                     f"{model_dir}; point --model at a safetensors checkpoint or a .gguf file")
+
+
+def is_gguf_model(model_dir: Path) -> bool:
+    """A converted GGUF model (models/gguf_convert.py) with no safetensors beside it."""
+    return (model_dir / GGUF_INDEX).is_file() and not (
+        (model_dir / "model.safetensors").is_file()
+        or (model_dir / "model.safetensors.index.json").is_file())
+
+
+def checkpoint_tensors(model_dir: Path,
+                       config: ModelConfig) -> Iterator[tuple[str | Path, str, str | None, object]]:
+    """(file, checkpoint name, Hugging Face name or None if unknown, lazy slice) of every
+    tensor in the checkpoint, safetensors or GGUF."""
+    if is_gguf_model(model_dir):
+        from models.gguf_weights import gguf_tensors
+
+        for name, hf_name, loaded in gguf_tensors(model_dir, config.num_heads, config.num_kv_heads):
+            yield "the GGUF file", name, hf_name, loaded
+        return
+    for path in weight_files(model_dir):
+        try:
+            opened = safe_open(str(path), framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise _corrupt(path, e) from None
+        with opened as f:
+            for name in f.keys():
+                yield path, name, name, f.get_slice(name)
+
+
+def _corrupt(path: str | Path, error: Exception) -> ValueError:
+    return ValueError(f"cannot read {path}: {error}; the file is truncated or corrupt, "
+                      "download or save the checkpoint again")
 
 
 def materialize(model: nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
@@ -97,7 +132,6 @@ def load_model(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype
     of a truncated or corrupt checkpoint.
     """
     model_dir = Path(model_dir)
-    files = weight_files(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(config, ctx)
     materialize(model, device, dtype)
@@ -105,25 +139,23 @@ def load_model(model_dir: str | Path, config: ModelConfig, *, dtype: torch.dtype
     expected = _expected_shards(model, params)
     loaded: set[tuple[str, object]] = set()
     unexpected: list[str] = []
-    for path in files:
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    target = _target(model, name)
-                    if target is None:
-                        continue
-                    if target[0] not in params:
-                        unexpected.append(name)
-                        continue
-                    param = params[target[0]]
-                    try:
-                        param.weight_loader(param, f.get_slice(name), target[1])
-                    except ValueError as e:
-                        raise ValueError(f"tensor {name} in {path.name}: {e}") from None
-                    loaded.add(target)
-        except SafetensorError as e:
-            raise ValueError(f"cannot read {path}: {e}; the file is truncated or corrupt, "
-                             "download or save the checkpoint again") from None
+    where = str(model_dir)
+    try:
+        for where, name, hf_name, tensor in checkpoint_tensors(model_dir, config):
+            target = None if hf_name is None else _target(model, hf_name)
+            if hf_name is None or (target is not None and target[0] not in params):
+                unexpected.append(name)
+                continue
+            if target is None:
+                continue
+            param = params[target[0]]
+            try:
+                param.weight_loader(param, tensor, target[1])
+            except ValueError as e:
+                raise ValueError(f"tensor {name} in {Path(where).name}: {e}") from None
+            loaded.add(target)
+    except SafetensorError as e:
+        raise _corrupt(where, e) from None
     if unexpected:
         raise ValueError(f"checkpoint {model_dir} has tensor(s) this {config.architecture} "
                          f"does not use: {sorted(unexpected)}; the config and weights disagree")

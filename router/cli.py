@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     router = sub.add_parser("router", help="start only the router; workers connect to --backend")
     router.add_argument("--listen", default=None, help="client endpoint")
     router.add_argument("--backend", default=None, help="worker endpoint")
-    router.add_argument("--model", default=None, help="refuse workers that serve another checkpoint")
+    router.add_argument("--model", default=None,
+                        help="refuse workers that serve another checkpoint (a name, .gguf or directory)")
     router.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto")
     router.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
     router.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 'overloaded'")
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="stream a completion to the terminal")
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text")
+    gen.add_argument("--chat", default=None, metavar="MESSAGE",
+                     help="a user message, answered through the model's chat template")
+    gen.add_argument("--system", default=None, help="a system message before --chat")
     gen.add_argument("--prompt-token-ids", default=None, help="comma-separated token ids instead of text")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -154,8 +158,11 @@ def cmd_router(args) -> int:
     from router.config import RouterConfig
     from router.runtime import run_router
 
+    from models.registry import resolve_model
+
+    model_dir = str(resolve_model(args.model)) if args.model else None
     config = RouterConfig(frontend=args.listen or default_endpoint("client"),
-                          backend=args.backend or default_endpoint("workers"), model_dir=args.model,
+                          backend=args.backend or default_endpoint("workers"), model_dir=model_dir,
                           curve_dir=args.curve_dir, kv_transport=args.kv_transport,
                           max_queue=args.max_queue, heartbeat_timeout_s=args.heartbeat_timeout,
                           stuck_timeout_s=args.stuck_timeout,
@@ -204,12 +211,19 @@ def cmd_generate(args) -> int:
     from router.client import ClientTimeout
 
     prompt_ids = _token_ids(args.prompt_token_ids, "--prompt-token-ids")
-    if (args.prompt is None) == (prompt_ids is None):
-        raise UserError('give exactly one of a prompt ("text") and --prompt-token-ids')
+    if sum(x is not None for x in (args.prompt, prompt_ids, args.chat)) != 1:
+        raise UserError('give exactly one of a prompt ("text"), --prompt-token-ids and --chat')
+    if args.system is not None and args.chat is None:
+        raise UserError("--system goes with --chat")
+    messages = None
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
+        messages.append({"role": "user", "content": args.chat})
     client, endpoint = _client(args)
     with client:
         try:
-            stream = client.generate(args.prompt, prompt_token_ids=prompt_ids, max_tokens=args.max_tokens,
+            stream = client.generate(args.prompt, prompt_token_ids=prompt_ids, messages=messages,
+                                     max_tokens=args.max_tokens,
                                      temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                      seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
                                      stop_token_ids=_token_ids(args.stop_token_ids, "--stop-token-ids"))

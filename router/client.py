@@ -8,6 +8,8 @@ router's answers by request id into per-request inboxes. ::
             print(chunk.text, end="")
         result = await client.complete(prompt_token_ids=[1, 2, 3], max_tokens=8)
         print(result.token_ids, result.metrics.ttft)
+        answer = await client.chat_complete("What is the capital of France?", temperature=0)
+        print(answer.text)
 
 Leaving a stream early (``break``, ``aclose()``, garbage collection) cancels the request on
 the server. Errors from the server raise ``ServerError`` subclasses; ``ClientTimeout`` is
@@ -74,6 +76,10 @@ class _Inbox:
                 if timer is not None:
                     timer.cancel()
         return self.items.popleft()
+
+
+def _as_messages(messages: list[dict] | str) -> list[dict]:
+    return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
 
 
 def _expire(fut: asyncio.Future, timeout: float) -> None:
@@ -168,14 +174,18 @@ class AsyncClient:
 
     # -- requests ---------------------------------------------------------------------------
     def generate(self, prompt: str | None = None, *, prompt_token_ids: list[int] | None = None,
+                 messages: list[dict] | None = None,
                  max_tokens: int = 16, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: str | list[str] | None = None,
                  stop_token_ids: list[int] | None = None, ignore_eos: bool = False,
                  timeout_s: float | None = None) -> AsyncStream:
         """Start a streaming request; iterate the result for ``StreamChunk``s.
 
-        ``timeout_s`` is the server-side deadline (``RequestTimeout``). Raises InvalidRequest at
-        once for a request over the protocol's size limits, Unavailable if no router listens,
+        Give one of ``prompt`` (text), ``prompt_token_ids`` and ``messages`` (a chat,
+        ``[{"role": "user", "content": "..."}]``, rendered by the router with the model's chat
+        template). ``timeout_s`` is the server-side deadline (``RequestTimeout``). Raises
+        InvalidRequest at once for a request over the protocol's size limits, Unavailable if no
+        router listens,
         ServerError subclasses while iterating, ClientTimeout if the router falls silent.
         """
         _check_sizes(prompt, prompt_token_ids)
@@ -184,7 +194,7 @@ class AsyncClient:
                   "ignore_eos": ignore_eos}
         rid, inbox = self._open()
         try:
-            self._send(P.Generate(rid, prompt, prompt_token_ids, params, True, timeout_s))
+            self._send(P.Generate(rid, prompt, prompt_token_ids, params, True, timeout_s, messages))
         except BaseException:
             self._inboxes.pop(rid, None)
             raise
@@ -211,6 +221,15 @@ class AsyncClient:
         tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
         return Completion(token_ids, "".join(texts), finish, num_prompt,
                           RequestMetrics(ttft=ttft, tpot=tpot, itl=itl, e2e=end - start))
+
+    def chat(self, messages: list[dict] | str, **kwargs: Any) -> AsyncStream:
+        """Stream the answer to a chat: ``messages`` as in ``generate`` (a plain string is one
+        user message); the other arguments are those of ``generate``."""
+        return self.generate(messages=_as_messages(messages), **kwargs)
+
+    async def chat_complete(self, messages: list[dict] | str, **kwargs: Any) -> Completion:
+        """The whole answer to a chat, with metrics (``complete`` for ``messages``)."""
+        return await self.complete(messages=_as_messages(messages), **kwargs)
 
     async def status(self) -> dict:
         """The router's status: its totals and every worker (see ``pdserve status``)."""
@@ -337,6 +356,12 @@ class Client:
 
     def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
         return self._run(self._async.complete(prompt, **kwargs))
+
+    def chat(self, messages: list[dict] | str, **kwargs: Any) -> Iterator[StreamChunk]:
+        return self.generate(messages=_as_messages(messages), **kwargs)
+
+    def chat_complete(self, messages: list[dict] | str, **kwargs: Any) -> Completion:
+        return self._run(self._async.chat_complete(messages, **kwargs))
 
     def status(self) -> dict:
         return self._run(self._async.status())

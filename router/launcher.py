@@ -1,7 +1,10 @@
 """Starts a whole local cluster: the router and its worker processes, and stops it cleanly.
 
-    with LocalCluster(mode="disagg", num_prefill=1, num_decode=1) as cluster:
+    with LocalCluster("demo", mode="disagg", num_prefill=1, num_decode=1) as cluster:
         client = Client(cluster.endpoint)
+
+``model`` is anything ``--model`` takes (None: the default model); it is resolved once
+(``models.registry.resolve_model``: fetched and converted if need be) before any process starts.
 
 The router runs in this process (a background thread) or as a ``pdserve router`` subprocess;
 each worker is a ``pdserve worker`` subprocess in its own process group (its TP ranks share
@@ -141,6 +144,10 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         """Start the router and every worker; return once all have registered.
         Raises ValueError (bad options) or ClusterError (a process failed to start)."""
+        from models.registry import resolve_model
+
+        # Fetch and convert once, here, rather than in every worker at the same time.
+        self.engine["model"] = str(resolve_model(self.engine["model"]))
         self.run_dir = Path(tempfile.mkdtemp(prefix="pdserve-"))
         try:
             self.endpoint = self.listen or f"ipc://{self.run_dir}/client.ipc"
@@ -329,10 +336,12 @@ class LocalCluster:
         elif self._router_proc is not None:
             _signal_group(self._router_proc, signal.SIGTERM)
         procs = [w.proc for w in self.worker_processes()] + ([self._router_proc] if self._router_proc else [])
-        _wait_all(procs, self.grace_s)
+        # A worker that saw the router's socket close before reading its Shutdown (zmq drops
+        # unread messages of a dropped connection) takes SIGTERM as the same clean stop.
+        _wait_all(procs, min(self.grace_s, 2.0))
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
-        _wait_all(procs, self.grace_s / 2)
+        _wait_all(procs, self.grace_s)
         for proc in procs:
             _signal_group(proc, signal.SIGKILL)
             proc.wait()

@@ -53,10 +53,12 @@ class Message:
 # -- clients <-> router ----------------------------------------------------------------------
 @dataclass
 class Generate(Message):
-    """Client -> router. Exactly one of ``prompt`` / ``prompt_token_ids``.
+    """Client -> router. Exactly one of ``prompt`` / ``prompt_token_ids`` / ``messages``.
 
-    ``params`` holds the sampling and stopping options (see router.client for the names);
-    the router validates every key and value and rejects unknown keys.
+    ``messages`` is a chat (``[{"role": ..., "content": ...}, ...]``) that the router renders
+    with the model's chat template, then tokenizes. ``params`` holds the sampling and stopping
+    options (see router.client for the names); the router validates every key and value and
+    rejects unknown keys.
     """
     TAG: ClassVar[int] = 1
     rid: str
@@ -65,6 +67,7 @@ class Generate(Message):
     params: dict
     stream: bool = True
     timeout_s: float | None = None
+    messages: list | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ MAX_RID_CHARS = 256
 MAX_PROMPT_CHARS = 4 * 1024 * 1024
 MAX_CHARS_PER_TOKEN = 64
 MAX_TIMEOUT_S = 24 * 3600.0
+MAX_MESSAGES = 4096
 
 
 class InvalidRequest(ValueError):
@@ -80,17 +81,22 @@ def _too_long(num_tokens: int, max_model_len: int) -> InvalidRequest:
 
 def check_text_prompt(msg: P.Generate, model: ModelInfo, max_model_len: int) -> None:
     """The checks on a text prompt that come before tokenizing it. Raises InvalidRequest."""
-    if (msg.prompt is None) == (msg.prompt_token_ids is None):
-        raise InvalidRequest("give exactly one of prompt (text) and prompt_token_ids")
+    if sum(x is not None for x in (msg.prompt, msg.prompt_token_ids, msg.messages)) != 1:
+        raise InvalidRequest("give exactly one of prompt (text), prompt_token_ids and "
+                             "messages (chat)")
     if msg.prompt is None:
         return
     if not msg.prompt:
         raise InvalidRequest("the prompt is empty; send at least one character")
+    _check_text(msg.prompt, "the prompt", model, max_model_len)
+
+
+def _check_text(text: str, what: str, model: ModelInfo, max_model_len: int) -> None:
     # Bound the tokenizer's work: no tokenizer packs this many characters into one token.
     max_chars = min(MAX_PROMPT_CHARS, MAX_CHARS_PER_TOKEN * max_model_len)
-    if len(msg.prompt) > max_chars:
-        raise InvalidRequest(f"the prompt has {len(msg.prompt)} characters, far more than the "
-                             f"max model length of {max_model_len} tokens; shorten the prompt")
+    if len(text) > max_chars:
+        raise InvalidRequest(f"{what} has {len(text)} characters, far more than the "
+                             f"max model length of {max_model_len} tokens; shorten {what}")
     if model.tokenizer is None:
         raise InvalidRequest(f"model {model.name} has no tokenizer; send prompt_token_ids "
                              "instead of text")
@@ -99,13 +105,15 @@ def check_text_prompt(msg: P.Generate, model: ModelInfo, max_model_len: int) -> 
 def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int,
                 encoded: list[int] | None) -> list[int]:
     check_text_prompt(msg, model, max_model_len)
+    if msg.messages is not None:
+        text = render_chat(msg.messages, model)
+        _check_text(text, "the chat", model, max_model_len)
+        # A rendered chat holds its own special tokens (as in transformers' apply_chat_template).
+        return _encoded(model.tokenizer.encode(text, add_special_tokens=False), "the chat",
+                        max_model_len)
     if msg.prompt is not None:
         ids = encoded if encoded is not None else model.tokenizer.encode(msg.prompt)
-        if not ids:
-            raise InvalidRequest("the prompt encodes to no tokens; send some text")
-        if len(ids) >= max_model_len:
-            raise _too_long(len(ids), max_model_len)
-        return ids
+        return _encoded(ids, "the prompt", max_model_len)
     ids = msg.prompt_token_ids
     if not ids:
         raise InvalidRequest("prompt_token_ids is empty; send at least one token id")
@@ -117,6 +125,35 @@ def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int,
             raise InvalidRequest(f"prompt_token_ids[{i}] = {tok!r} is not a token id of this model "
                                  f"(integers in [0, {vocab}))")
     return list(ids)
+
+
+def render_chat(messages: list, model: ModelInfo) -> str:
+    """The prompt text of a chat, rendered with the model's chat template."""
+    from router.chat_template import ChatTemplateError  # jinja2 only once a chat arrives
+
+    try:
+        template = model.chat_template()
+    except ChatTemplateError as exc:
+        raise InvalidRequest(f"model {model.name} has an unusable chat template ({exc}); send a "
+                             "prompt (text) or prompt_token_ids instead of messages") from None
+    if template is None:
+        raise InvalidRequest(f"model {model.name} has no chat template; send a prompt (text) or "
+                             "prompt_token_ids instead of messages")
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidRequest(f"a chat may hold at most {MAX_MESSAGES} messages, "
+                             f"got {len(messages)}")
+    try:
+        return template.render(messages, add_generation_prompt=True)
+    except ChatTemplateError as exc:
+        raise InvalidRequest(f"cannot render the chat: {exc}") from None
+
+
+def _encoded(ids: list[int], what: str, max_model_len: int) -> list[int]:
+    if not ids:
+        raise InvalidRequest(f"{what} encodes to no tokens; send some text")
+    if len(ids) >= max_model_len:
+        raise _too_long(len(ids), max_model_len)
+    return ids
 
 
 def _params(raw, model: ModelInfo) -> tuple[RequestOptions, tuple[str, ...]]:

@@ -5,7 +5,8 @@ A role's entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)
 
     role            prefill | decode | both
     router          the router's worker endpoint (its --backend)
-    model           checkpoint directory (None: the built-in demo model)
+    model           a known model name, a .gguf file or a checkpoint directory (None: the
+                    default model); resolved by ``models.registry.resolve_model``
     tp              tensor-parallel degree (the worker spawns its own TP ranks)
     dtype           auto | float32 | bfloat16 | float16 (weights and KV)
     device          cpu | cuda
@@ -72,9 +73,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _model_help() -> str:
+    from models.registry import DEFAULT_MODEL, MODEL_NAMES
+
+    names = "; ".join(f"{name}{' (the default)' if name == DEFAULT_MODEL else ''}: {what}"
+                      for name, what in MODEL_NAMES.items())
+    return (f"what to serve: a known name ({names}), a .gguf file or a directory holding one, "
+            "or a Hugging Face checkpoint directory (config.json and safetensors). Downloads "
+            "and conversions are cached in $PDSERVE_CACHE (default ~/.cache/pdserve)")
+
+
+MODEL_HELP = _model_help()
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that shape a worker's engine (shared by ``serve`` and ``worker``)."""
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    parser.add_argument("--model", default=None, help=MODEL_HELP)
     parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree per worker")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV dtype")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")

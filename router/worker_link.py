@@ -169,7 +169,9 @@ class WorkerLink:
             elif self._registered:
                 self._lose_router("the router does not know this worker (it restarted or "
                                   "declared the worker dead)")
-        elif self._registered:
+        elif self._registered or isinstance(msg, P.Shutdown):
+            # A Shutdown counts even when the router's disconnect was seen first: the router
+            # sends it and closes at once, and the two events can arrive in either order.
             self._inbox.put_nowait(msg)
 
     def _on_disconnect(self, reason: bytes) -> None:
@@ -205,8 +207,14 @@ class WorkerLink:
         log.warning("lost the router at %s: %s; aborting every request and registering again",
                     self.endpoint, why)
         self._registered = False
+        shutdown = None
         while not self._inbox.empty():
-            self._inbox.get_nowait()
+            msg = self._inbox.get_nowait()
+            if isinstance(msg, P.Shutdown):
+                shutdown = msg
+        if shutdown is not None:
+            self._inbox.put_nowait(shutdown)
+            return  # the router said goodbye: stop, do not register again
         if self._sock is not None:
             self._sock.clear_pending()
         if self.on_router_lost is not None:

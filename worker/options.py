@@ -55,7 +55,7 @@ class WorkerOptions:
     def from_args(cls, args) -> "WorkerOptions":
         names = {f.name for f in dataclasses.fields(cls)}
         values = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-        if not values.get("model"):
-            from models.demo import demo_model_dir
-            values["model"] = str(demo_model_dir())
+        from models.registry import resolve_model
+
+        values["model"] = str(resolve_model(values.get("model")))
         return cls(**values)

@@ -49,9 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--spawn", nargs="+", metavar="CONFIG",
                         help="start a local cluster for each configuration in turn and compare them: "
                              "disagg:<P>p<D>d or colocated:<N> (e.g. disagg:1p1d colocated:2)")
-    target.add_argument("--model", help="model directory for --spawn (default: the built-in demo "
-                                        "model); with an openai backend, the model name to request "
-                                        "(default: the first of /v1/models)")
+    target.add_argument("--model", help="model for --spawn, anything `pdserve serve --model` takes "
+                                        "(default: demo, the built-in tiny model); with an openai "
+                                        "backend, the model name to request (default: the first of "
+                                        "/v1/models)")
     target.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                         help="KV transport of spawned disaggregated clusters (default: auto)")
     target.add_argument("--tp", type=int, default=1,
@@ -243,7 +244,7 @@ def _bench_all(args: argparse.Namespace, settings: BenchSettings, specs: list[Cl
     if endpoint is not None:
         return [run_event_loop(bench_endpoint(endpoint, endpoint, settings))]
     results = []
-    options = {"model": args.model, "kv_transport": args.kv_transport, "tp": args.tp}
+    options = {"model": args.model or "demo", "kv_transport": args.kv_transport, "tp": args.tp}
     for spec in specs:
         _log(f"[{spec.name}] starting the cluster ...")
         with spawned_cluster(spec, **options) as spawned_endpoint:
@@ -284,9 +285,9 @@ def run(args: argparse.Namespace) -> int:
                           or (args.model and args.backend == "zmq")):
             raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "
                              "already has its own")
-        if args.model and args.backend == "zmq" and not Path(args.model).is_dir():
-            raise ValueError(f"--model {args.model} is not a directory; give a Hugging Face "
-                             f"checkpoint directory, or leave it out for the demo model")
+        if args.model and args.backend == "zmq":  # a bad --model fails here, before anything starts
+            from models.registry import resolve_model
+            resolve_model(args.model)
         _check_output_path("--json", args.json)
         _check_output_path("--plot", args.plot)
         if args.plot:

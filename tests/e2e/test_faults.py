@@ -143,7 +143,7 @@ def test_router_death_is_noticed_by_clients_and_workers(tiny_model):
         with Client(cluster.endpoint, timeout=60) as client:
             (worker,) = wait_all_blocks_free(client)
             assert worker["running"] == 0
-            assert len(client.complete(prompt_token_ids=[5, 6], max_tokens=3).token_ids) == 3
+            assert len(client.complete(prompt_token_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 @pytest.mark.parametrize("layout", ["disagg", "colocated"])

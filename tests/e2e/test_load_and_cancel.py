@@ -93,3 +93,37 @@ def test_cancel_mid_stream_frees_kv_on_every_worker(cluster):
         workers = wait_all_blocks_free(client)
         assert all(w["free_blocks"] == w["num_blocks"] for w in workers)
         assert client.status()["router"]["active"] == 0
+
+
+def test_cancels_at_random_moments_leave_every_worker_up_and_exact(cluster, tiny_model):
+    """Requests cancelled at random points of their lives (queued, prefilling, with the last
+    chunk or the KV in flight, decoding): no worker dies or restarts, every block comes back,
+    and a fresh request still matches transformers."""
+    rng = random.Random(1234)
+    before = {w["id"]: w["pid"] for w in Client(cluster.endpoint, timeout=30).status()["workers"]}
+
+    async def one(client, prompt, max_tokens, cancel_after):
+        stream = client.generate(prompt_token_ids=prompt, max_tokens=max_tokens, temperature=0)
+        try:
+            await asyncio.wait_for(_drain(stream), cancel_after)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            await stream.aclose()
+
+    async def run():
+        async with AsyncClient(cluster.endpoint, timeout=120) as client:
+            await asyncio.gather(*(one(client, [rng.randrange(32, 127) for _ in range(rng.randrange(1, 200))],
+                                       rng.randrange(1, 30), rng.random() * 0.4) for _ in range(200)))
+    asyncio.run(run())
+    prompt = list(b"after the storm")
+    (expected,) = greedy_reference(tiny_model, [prompt], 8)
+    with Client(cluster.endpoint, timeout=60) as client:
+        workers = wait_all_blocks_free(client)
+        assert {w["id"]: w["pid"] for w in workers if w["alive"]} == before
+        assert client.complete(prompt_token_ids=prompt, max_tokens=8, temperature=0).token_ids == expected
+
+
+async def _drain(stream):
+    async for _ in stream:
+        pass

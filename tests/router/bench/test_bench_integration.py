@@ -51,7 +51,7 @@ def test_spawned_configurations_are_compared_in_one_table(tmp_path):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(mode="colocated", num_workers=1) as running:
+    with LocalCluster("demo", mode="colocated", num_workers=1) as running:
         yield running
 
 
