@@ -2,7 +2,9 @@
 ``KVCoordinator`` that reserves blocks, builds destinations and reports completions.
 
 Endpoints are ipc:// paths derived from the worker id, so every rank of the group finds
-rank 0's coordinator without another round of messages.
+rank 0's coordinator without another round of messages. With ``--kv-host`` the ranks receive KV
+on ``tcp://KV_HOST:*`` (the bound port travels in each rank's destination entry), so prefill
+workers on other hosts can reach them; the coordinator stays on ipc (one host per TP group).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ def make_receiver(opts, runner, ctx) -> KVReceiver:
     """This rank's receiver, landing KV in ``runner.pool``."""
     if opts.kv_transport == "nixl" and not nixl_available():
         raise ValueError("--kv-transport nixl needs the nixl package: pip install 'pdserve[nixl]'")
-    return KVReceiver(runner.pool, endpoint=_endpoint(opts, f"kv{ctx.rank}"),
+    endpoint = f"tcp://{opts.kv_host}:*" if opts.kv_host else _endpoint(opts, f"kv{ctx.rank}")
+    return KVReceiver(runner.pool, endpoint=endpoint,
                       coordinator=coordinator_endpoint(opts), rank=ctx.rank,
                       tp_size=ctx.world_size, nixl=wants_nixl(opts))

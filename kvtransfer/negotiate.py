@@ -2,10 +2,13 @@
 
 Each side advertises a small dict (``capabilities``)::
 
-    {"transports": ["zmq", "shm", "nixl"], "host": str, "boot_id": str, "shm_id": str}
+    {"transports": ["zmq", "shm", "nixl"], "host": str, "boot_id": str, "shm_id": str, "node_id": str}
 
 ``shm_id`` identifies the /dev/shm mount (device and inode), so two processes agree on it only
-when they see the same shared-memory files. Torch-free: the router negotiates at registration.
+when they see the same shared-memory files. ``node_id`` is the cluster manager's name for the
+node (``$PDSERVE_NODE_ID``, set by the Ray launcher to the Ray node id; empty otherwise): two
+workers that a cluster manager placed on different nodes never count as one host, even when
+those nodes share a kernel (several raylets on one machine, containers on one VM). Torch-free: the router negotiates at registration.
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ logger = logging.getLogger(__name__)
 # a GPU pool never advertises shm, so GPU pairs and pairs across hosts get NIXL.
 PREFERENCE = ("shm", "nixl", "zmq")
 SHM_DIR = "/dev/shm"
+NODE_ID_ENV = "PDSERVE_NODE_ID"
 
 
 def host_identity() -> dict:
-    """Hostname, kernel boot id and /dev/shm mount id of this process."""
+    """Hostname, kernel boot id, /dev/shm mount id and cluster node id of this process."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot_id = f.read().strip()
@@ -37,7 +41,8 @@ def host_identity() -> dict:
         shm_id = f"{st.st_dev}:{st.st_ino}"
     except OSError:
         shm_id = ""
-    return {"host": socket.gethostname(), "boot_id": boot_id, "shm_id": shm_id}
+    return {"host": socket.gethostname(), "boot_id": boot_id, "shm_id": shm_id,
+            "node_id": os.environ.get(NODE_ID_ENV, "")}
 
 
 def capabilities(transports: Sequence[str]) -> dict:
@@ -49,9 +54,10 @@ def capabilities(transports: Sequence[str]) -> dict:
 
 
 def same_host(a: dict, b: dict) -> bool:
-    """Both sides run on one booted host and see one /dev/shm."""
+    """Both sides run on one booted host, see one /dev/shm, and are on one cluster node."""
     keys = ("host", "boot_id", "shm_id")
-    return all(a.get(k) and a.get(k) == b.get(k) for k in keys)
+    return all(a.get(k) and a.get(k) == b.get(k) for k in keys) and \
+        a.get("node_id", "") == b.get("node_id", "")
 
 
 def choose_transport(prefill: dict, decode: dict, requested: str = "auto") -> tuple[str, str]:

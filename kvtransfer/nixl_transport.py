@@ -176,13 +176,19 @@ class NixlWriter:
         for transfer_id, handles in list(self._pending.items()):
             still = []
             for handle in handles:
-                state = agent.check_xfer_state(handle)
+                try:
+                    state, why = agent.check_xfer_state(handle), "a NIXL WRITE failed"
+                except Exception as exc:  # e.g. NIXL_ERR_REMOTE_DISCONNECT: the decode peer died
+                    state, why = "ERR", f"a NIXL WRITE failed: {exc}"
                 if state == "PROC":
                     still.append(handle)
                     continue
                 if state == "ERR":
-                    failed[transfer_id] = "a NIXL WRITE failed"
-                agent.release_xfer_handle(handle)
+                    failed[transfer_id] = why
+                try:
+                    agent.release_xfer_handle(handle)
+                except Exception:  # a handle whose peer vanished may refuse release; drop it
+                    pass
             if still:
                 self._pending[transfer_id] = still
             else:

@@ -1,4 +1,4 @@
-"""The ``pdserve`` command: serve, router, worker, generate, status, keys, bench.
+"""The ``pdserve`` command: serve, router, worker, generate, status, scale, keys, bench.
 
 User errors print one line (``pdserve <command>: what went wrong``) and exit non-zero; no
 tracebacks. Logs go to stderr (level from ``$PDSERVE_LOG``, default INFO); ``serve`` prints
@@ -16,6 +16,7 @@ import threading
 
 from router.config import KV_TRANSPORTS, default_endpoint
 from router.http.config import add_http_arguments, http_config_from_args
+from router.ray_args import add_ray_arguments, ray_cluster
 from router.worker_args import add_engine_arguments, add_worker_arguments
 
 PROG = "pdserve"
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_liveness_arguments(serve)
     add_engine_arguments(serve)
     add_http_arguments(serve)
+    add_ray_arguments(serve)
 
     router = sub.add_parser("router", help="start only the router; workers connect to --backend")
     router.add_argument("--listen", default=None, help="client endpoint")
@@ -85,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the router's workers and load")
     _add_client_arguments(status)
 
+    scale = sub.add_parser("scale", help="add or drain workers of a running --launcher ray cluster")
+    scale.add_argument("--prefill", type=int, default=None, help="prefill workers wanted")
+    scale.add_argument("--decode", type=int, default=None, help="decode workers wanted")
+    _add_client_arguments(scale)
+
     keys = sub.add_parser("keys", help="generate CurveZMQ keys for router, workers and clients")
     keys.add_argument("dir", help="directory to write the keys to")
 
@@ -126,17 +133,21 @@ def cmd_serve(args) -> int:
     engine = {name: getattr(args, name) for name in (
         "model", "tp", "dtype", "device", "max_model_len", "block_size", "num_kv_blocks", "kv_memory",
         "kv_transport", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")}
-    cluster = LocalCluster(mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
-                           num_workers=args.workers, listen=args.listen or default_endpoint("client"),
-                           curve_dir=args.curve_dir, router_in_process=not args.router_process,
-                           log_to_stderr=True, http=http_config_from_args(args), supervise=not args.no_restart,
-                           router_options={"stuck_timeout_s": args.stuck_timeout,
-                                           "heartbeat_timeout_s": args.heartbeat_timeout}, **engine)
+    router_options = {"stuck_timeout_s": args.stuck_timeout, "heartbeat_timeout_s": args.heartbeat_timeout}
+    if args.launcher == "ray":  # Ray restarts the workers: no local supervisor
+        cluster = ray_cluster(args, engine, http_config_from_args(args), router_options)
+    else:
+        cluster = LocalCluster(mode=args.mode, num_prefill=args.prefill, num_decode=args.decode,
+                               num_workers=args.workers, listen=args.listen or default_endpoint("client"),
+                               curve_dir=args.curve_dir, router_in_process=not args.router_process,
+                               log_to_stderr=True, http=http_config_from_args(args),
+                               supervise=not args.no_restart, router_options=router_options, **engine)
     with cluster:
         layout = (f"{args.prefill} prefill + {args.decode} decode" if args.mode == "disagg"
                   else f"{args.workers} colocated")
         http = f", http {cluster.http_url}" if cluster.http_url else ""
-        print(f"pdserve ready: {cluster.endpoint}{http} ({layout} workers, TP {args.tp})", flush=True)
+        where = " on Ray" if args.launcher == "ray" else ""
+        print(f"pdserve ready: {cluster.endpoint}{http} ({layout} workers{where}, TP {args.tp})", flush=True)
         while not stop.wait(0.5):
             pass
         logging.getLogger("pdserve").info("stopping")
@@ -246,6 +257,22 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_scale(args) -> int:
+    from router.client import ClientTimeout
+
+    if args.prefill is None and args.decode is None:
+        raise UserError("give --prefill N and/or --decode M")
+    client, endpoint = _client(args)
+    with client:
+        try:
+            result = client.scale(prefill=args.prefill, decode=args.decode)
+        except ClientTimeout:
+            raise UserError(f"no answer from a router at {endpoint} within {args.timeout:g}s") from None
+    print(f"prefill {result['prefill']}  decode {result['decode']}  added {', '.join(result['added']) or '-'}  "
+          f"draining {', '.join(result['draining']) or '-'}")
+    return 0
+
+
 def cmd_keys(args) -> int:
     from router.security import create_keys
 
@@ -263,7 +290,7 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "router": cmd_router, "worker": cmd_worker,
-            "generate": cmd_generate, "status": cmd_status, "keys": cmd_keys}
+            "generate": cmd_generate, "status": cmd_status, "scale": cmd_scale, "keys": cmd_keys}
 
 
 def main(argv: list[str] | None = None) -> int:

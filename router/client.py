@@ -42,7 +42,7 @@ from router.security import CurveKeys, check_endpoint
 from router.sockets import AUTH_FAILED, LoopSocket
 from router.validation import MAX_PROMPT_CHARS
 
-_FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply)
+_FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply, P.ScaleReply)
 # Seconds to wait for any reply (the first one of a request, or the next chunk of a stream).
 # The router answers within its own bounds (unavailable, hand-off and stuck-worker timeouts);
 # this is the last line of defence against a router that stopped answering.
@@ -233,15 +233,26 @@ class AsyncClient:
 
     async def status(self) -> dict:
         """The router's status: its totals and every worker (see ``pdserve status``)."""
+        return (await self._ask(P.StatusRequest)).status
+
+    async def scale(self, *, prefill: int | None = None, decode: int | None = None) -> dict:
+        """Ask the router to run ``prefill`` prefill and ``decode`` decode workers (None: keep
+        that count). Returns at once with ``{"added": [ids], "draining": [ids], "prefill": N,
+        "decode": M}``; added workers take load once registered, removed ones drain first.
+        Raises InvalidRequest when the router cannot start or stop workers, or a count is bad."""
+        return (await self._ask(lambda rid: P.ScaleRequest(rid, prefill, decode))).result
+
+    async def _ask(self, make) -> P.Message:
+        """Send one request made by ``make(rid)`` and return its single reply."""
         rid, inbox = self._open()
         try:
-            self._send(P.StatusRequest(rid))
+            self._send(make(rid))
             msg, _ = await inbox.get(self.timeout)
         finally:
             self._inboxes.pop(rid, None)
         if isinstance(msg, P.Error):
             raise error_for(msg.code, msg.message)
-        return msg.status
+        return msg
 
     async def close(self) -> None:
         """Cancel every open request and close the connection."""
@@ -354,6 +365,9 @@ class Client:
 
     def status(self) -> dict:
         return self._run(self._async.status())
+
+    def scale(self, *, prefill: int | None = None, decode: int | None = None) -> dict:
+        return self._run(self._async.scale(prefill=prefill, decode=decode))
 
     def close(self) -> None:
         if self._thread.is_alive():

@@ -1,5 +1,7 @@
 """Routing policies: which decode worker holds a request, which prefill worker computes it.
 
+Workers being drained (scale-down) get nothing new.
+
 - decode: among workers that can still hold the request's KV, the one with the fewest
   sequences assigned, then the most free blocks (router-side accounting, corrected by heartbeats
   and by ``Allocated`` refusals).
@@ -52,7 +54,8 @@ def pick_decode(workers: Iterable[WorkerRecord], num_blocks: int) -> WorkerRecor
     best = None
     best_key = None
     for w in workers:
-        if not (w.alive and w.can_decode and not w.is_full and w.free_blocks_estimate >= num_blocks):
+        if not (w.alive and w.can_decode and not w.is_full and not w.draining
+                and w.free_blocks_estimate >= num_blocks):
             continue
         key = (w.num_decoding, -w.free_blocks_estimate, w.worker_id)
         if best_key is None or key < best_key:
@@ -66,7 +69,7 @@ def pick_prefill(workers: Iterable[WorkerRecord], num_tokens: int, hashes: Seque
     best = None
     best_key = None
     for w in workers:
-        if not (w.alive and w.role == "prefill"):
+        if not (w.alive and w.role == "prefill" and not w.draining):
             continue
         cached = min(w.prefix.num_matched(hashes) * block_size, num_tokens)
         key = (w.outstanding_tokens + num_tokens - cached, w.outstanding_tokens, w.worker_id)

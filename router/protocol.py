@@ -110,6 +110,25 @@ class StatusReply(Message):
     status: dict
 
 
+@dataclass
+class ScaleRequest(Message):
+    """Client -> router: run ``num_prefill`` prefill and ``num_decode`` decode workers (None:
+    keep that role's count). Removed workers drain first (router/scaling.py); only a router
+    started by a launcher that can start workers (``pdserve serve --launcher ray``) accepts it."""
+    TAG: ClassVar[int] = 7
+    rid: str
+    num_prefill: int | None = None
+    num_decode: int | None = None
+
+
+@dataclass
+class ScaleReply(Message):
+    """Router -> client: what the scale request changed (workers added, workers draining)."""
+    TAG: ClassVar[int] = 8
+    rid: str
+    result: dict
+
+
 # -- workers -> router -----------------------------------------------------------------------
 @dataclass
 class Register(Message):
@@ -271,6 +290,7 @@ class PeerDead(Message):
 
 _BY_TAG: dict[int, type[Message]] = {
     cls.TAG: cls for cls in (Generate, Cancel, StatusRequest, Chunk, Error, StatusReply,
+                             ScaleRequest, ScaleReply,
                              Register, Registered, Heartbeat, Allocate, Allocated, Prefill,
                              FirstToken, Tokens, Free, WorkerError, Shutdown, Started, HeartbeatAck,
                              PeerDead)
@@ -331,6 +351,6 @@ def decode(data: bytes, allowed: typing.Collection[type[Message]] | None = None)
     return cls(*values)
 
 
-CLIENT_TO_ROUTER = (Generate, Cancel, StatusRequest)
+CLIENT_TO_ROUTER = (Generate, Cancel, StatusRequest, ScaleRequest)
 WORKER_TO_ROUTER = (Register, Heartbeat, Allocated, FirstToken, Tokens, WorkerError, Started)
 ROUTER_TO_WORKER = (Registered, Allocate, Prefill, Free, Shutdown, HeartbeatAck, PeerDead)

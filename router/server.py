@@ -30,6 +30,7 @@ from router.liveness import DISCONNECTED
 from router.model_info import ModelInfo
 from router.payloads import HeartbeatStats
 from router.request import Request
+from router.scaling import Drainer, Scaler
 from router.scheduler import RequestScheduler
 from router.security import CurveKeys
 from router.sockets import LoopSocket
@@ -81,6 +82,8 @@ class Router:
         self.scheduler = RequestScheduler(config, self.registry, self, model)
         self.started_at = time.monotonic()
         self.watchdog = Watchdog(self.scheduler, self.started_at)
+        self.drainer = Drainer(self)
+        self.scaler: Scaler | None = None  # set by a launcher that can start workers
         self._ctx: zmq.Context | None = None
         self._auth = None
         self._frontend: LoopSocket | None = None
@@ -166,6 +169,7 @@ class Router:
             now = time.monotonic()
             self._judge_liveness(now)
             self.watchdog.tick(now)
+            self.drainer.tick(now)
             self.clients.flush()
 
     def _judge_liveness(self, now: float) -> None:
@@ -209,6 +213,20 @@ class Router:
             self.scheduler.cancel(client, msg.rid)
         elif isinstance(msg, P.StatusRequest):
             self.clients.send(client, P.encode(P.StatusReply(msg.rid, self.status())), final=True)
+        elif isinstance(msg, P.ScaleRequest):
+            self._scale(client, msg)
+
+    def _scale(self, client: bytes, msg: P.ScaleRequest) -> None:
+        if self.scaler is None:
+            self.error(client, msg.rid, P.ERR_INVALID, "this router cannot start or stop workers; "
+                       "scale a cluster started with `pdserve serve --launcher ray`")
+            return
+        try:
+            result = self.scaler.scale(msg.num_prefill, msg.num_decode)
+        except ValueError as exc:
+            self.error(client, msg.rid, P.ERR_INVALID, str(exc))
+            return
+        self.clients.send(client, P.encode(P.ScaleReply(msg.rid, result)), final=True)
 
     def _on_malformed(self, client: bytes, payload: bytes, exc: P.ProtocolError) -> None:
         why = (f"malformed request: {exc} (a message holds at most {P.MAX_MESSAGE_BYTES} bytes and a "
@@ -294,6 +312,10 @@ class Router:
         if self.registry.mark_dead(worker, rule, reason):
             self.scheduler.on_worker_dead(worker)
 
+    def declare_dead(self, worker: WorkerRecord, rule: str, reason: str) -> None:
+        """Forget a worker and fail over what it holds (as when its connection drops)."""
+        self._worker_dead(worker, rule, reason)
+
     # -- Outbox (used by the scheduler) -----------------------------------------------------
     def to_worker(self, worker: WorkerRecord, msg: P.Message) -> None:
         if self._backend is None:
@@ -353,6 +375,7 @@ class Router:
                 "assigned": w.num_decoding + w.num_prefilling,
                 "num_prefilled": w.num_prefilled, "num_decoded": w.num_decoded,
                 "pid": w.info.get("pid"), "host": w.info.get("host"),
+                "node": w.info.get("node") or w.info.get("host"), "draining": w.draining,
                 "stats": w.stats.to_wire() if w.stats is not None else {},
                 "dead_rule": None if w.alive else w.dead_rule,
                 "dead_reason": None if w.alive else w.dead_reason,
@@ -368,7 +391,14 @@ class Router:
                                         if s.get("gave_up")},
                            "client_replies_dropped": self.clients.num_dropped if self.clients else 0,
                            **self.scheduler.stats()},
-                "workers": workers}
+                "workers": workers, "pairs": self._pairs()}
+
+    def _pairs(self) -> list[dict]:
+        """The KV transport of every live (prefill, decode) pair."""
+        live = sorted(self.registry.alive(), key=lambda w: w.worker_id)
+        return [{"prefill": p.worker_id, "decode": d.worker_id,
+                 "transport": self.registry.transport_for(p, d)}
+                for p in live if p.role == "prefill" for d in live if d.role == "decode"]
 
 
 def _rid_of(payload: bytes) -> str | None:

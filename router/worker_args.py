@@ -18,6 +18,7 @@ A role's entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)
     worker_id       unique id (None: made from role, host and pid)
     curve_dir       CurveZMQ key directory (``pdserve keys``)
     max_num_seqs, max_num_batched_tokens, heartbeat_s, kv_dir: engine and link tuning
+    kv_host         decode: tcp address to receive KV on (other hosts); None: ipc:// in kv_dir
 """
 from __future__ import annotations
 
@@ -119,6 +120,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-s", type=_positive_float, default=None,
                         help="seconds between heartbeats to the router")
     parser.add_argument("--kv-dir", default=None, help="directory for ipc:// KV endpoints")
+    parser.add_argument("--tp-rank", type=_positive_int, default=None,
+                        help="run only this TP rank (1..TP-1) of a worker whose rank 0 runs elsewhere "
+                             "and whose ranks meet at $PDSERVE_TP_INIT (set by the Ray launcher)")
+    parser.add_argument("--kv-host", default=None,
+                        help="decode: receive KV over tcp on this address (prefill workers on other "
+                             "hosts connect there) instead of ipc://")
 
 
 def engine_argv(args: argparse.Namespace) -> list[str]:
@@ -137,8 +144,30 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 def worker_main(args: argparse.Namespace) -> int:
     """``pdserve worker``: run this process as a worker of ``args.role`` (imports the engine,
     and torch, only here)."""
+    if getattr(args, "tp_rank", None) is not None:
+        return _rank_main(args)
     if args.role == "prefill":
         from prefill.worker import main
     else:
         from decode.worker import main
     return main(args)
+
+
+def _rank_main(args: argparse.Namespace) -> int:
+    """``pdserve worker --tp-rank R``: one TP rank started by a cluster manager."""
+    import dataclasses
+    import os
+
+    from worker.options import WorkerOptions
+    from worker.tp_group import TP_INIT_ENV, run_rank
+
+    if args.role == "prefill":
+        from prefill.worker import rank_main
+    else:
+        from decode.worker import rank_main
+    opts = WorkerOptions.from_args(args)
+    if not args.tp_rank < opts.tp or not os.environ.get(TP_INIT_ENV):
+        raise ValueError(f"--tp-rank must be in [1, {opts.tp - 1}] and ${TP_INIT_ENV} must name the "
+                         "group's rendezvous")
+    run_rank(rank_main, args.tp_rank, opts.tp, os.environ[TP_INIT_ENV], dataclasses.asdict(opts))
+    return 0

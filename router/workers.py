@@ -27,7 +27,7 @@ REGISTER_INFO_TYPES = {"role": str, "tp_size": int, "kv_spec": dict, "fingerprin
                        "transports": (list, dict), "max_model_len": int, "num_blocks": int,
                        "vocab_size": int}
 OPTIONAL_INFO_TYPES = {"model": str, "model_dir": str, "eos_token_ids": list, "pid": int,
-                       "host": str, "block_size": int}
+                       "host": str, "block_size": int, "node": str}
 MAX_DEAD_RECORDS = 64
 MAX_REFUSED_PROCESSES = 256
 
@@ -63,6 +63,7 @@ class WorkerRecord:
     num_prefilled: int = 0          # first tokens it produced (prefill or colocated)
     num_decoded: int = 0            # requests that finished with it as their decode worker
     last_progress: float = 0.0      # when it last produced a first token (or registered)
+    draining: bool = False          # being removed (router/scaling.py): gets no new requests
     progress: Progress = field(default_factory=Progress)  # step counter and health (heartbeats)
     dead_rule: str | None = None    # why it was declared dead: a router.liveness rule name
     dead_reason: str | None = None  # ... in words

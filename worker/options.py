@@ -35,6 +35,7 @@ class WorkerOptions:
     max_num_batched_tokens: int = 2048
     heartbeat_s: float = 0.5
     kv_dir: str | None = None             # where ipc:// KV endpoints live
+    kv_host: str | None = None            # decode: receive KV on tcp://KV_HOST:* instead of ipc://
     enforce_eager: bool = False           # never compile (also PDSERVE_ENFORCE_EAGER=1)
 
     def __post_init__(self) -> None:

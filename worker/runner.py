@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import socket
 
+from kvtransfer.negotiate import NODE_ID_ENV
 from models.parallel import ParallelContext
 from worker.options import WorkerOptions
 
@@ -70,4 +71,6 @@ def worker_info(opts: WorkerOptions, runner, transports: dict) -> dict:
         "eos_token_ids": list(runner.config.eos_token_ids),
         "pid": os.getpid(),
         "host": socket.gethostname(),
+        # The cluster manager's node (set by the Ray launcher), else this host.
+        "node": os.environ.get(NODE_ID_ENV) or socket.gethostname(),
     }

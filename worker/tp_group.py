@@ -6,6 +6,10 @@ rank executes the same plan on its shard (``follow_plans``). Both roles use this
 
 A rank that loses its parent dies with it (PR_SET_PDEATHSIG on Linux), so a SIGKILLed
 worker never leaves shards running.
+
+Under a cluster manager (the Ray launcher: one actor per rank) rank 0 spawns nothing: each
+rank is its own ``pdserve worker --tp-rank R`` started by the manager, and all meet at the
+rendezvous named by ``$PDSERVE_TP_INIT`` (``run_rank`` on ranks 1..K-1).
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ from typing import Any, Callable
 from models.parallel import ParallelContext, broadcast_plan, init_tensor_parallel
 from worker.step_plan import STOP_PLAN, StepPlan
 
+TP_INIT_ENV = "PDSERVE_TP_INIT"  # set: ranks 1..K-1 are started elsewhere and meet here
+
 
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
@@ -29,8 +35,9 @@ def _die_with_parent() -> None:
             pass
 
 
-def _rank_entry(rank_main: Callable[[ParallelContext, dict], None], rank: int, tp_size: int,
-                init_method: str, options: dict) -> None:
+def run_rank(rank_main: Callable[[ParallelContext, dict], None], rank: int, tp_size: int,
+             init_method: str, options: dict) -> None:
+    """Run TP rank ``rank`` (1..K-1) of a worker until rank 0 sends the stop plan."""
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
     ctx = init_tensor_parallel(rank, tp_size, init_method)
@@ -53,9 +60,12 @@ class TPGroup:
         self.processes: list[mp.Process] = []
         self._tmp = tempfile.mkdtemp(prefix="pdserve-tp-")
         self.init_method = f"file://{os.path.join(self._tmp, 'init')}"
+        if tp_size > 1 and os.environ.get(TP_INIT_ENV):
+            self.init_method = os.environ[TP_INIT_ENV]  # the manager started the other ranks
+            return
         spawn = mp.get_context("spawn")
         for rank in range(1, tp_size):
-            proc = spawn.Process(target=_rank_entry, name=f"pdserve-tp{rank}",
+            proc = spawn.Process(target=run_rank, name=f"pdserve-tp{rank}",
                                  args=(rank_main, rank, tp_size, self.init_method, options))
             proc.start()
             self.processes.append(proc)

@@ -28,6 +28,15 @@ def test_shm_needs_one_host_and_one_dev_shm():
     assert choose_transport(caps("zmq", "nixl"), caps("zmq", "nixl", host="other"))[0] == "nixl"
 
 
+def test_shm_needs_one_cluster_node():
+    """Two Ray nodes on one machine share host, boot id and /dev/shm, but not the node id."""
+    assert choose_transport(caps("zmq", "shm", node_id="n1"), caps("zmq", "shm", node_id="n1"))[0] == "shm"
+    assert choose_transport(caps("zmq", "shm", node_id="n1"), caps("zmq", "shm", node_id="n2"))[0] == "zmq"
+    assert choose_transport(caps("zmq", "shm", node_id="n1"), caps("zmq", "shm"))[0] == "zmq"
+    with pytest.raises(ValueError, match="not on one host"):
+        choose_transport(caps("zmq", "shm", node_id="n1"), caps("zmq", "shm", node_id="n2"), "shm")
+
+
 def test_requested_transport_must_be_supported_by_both():
     assert choose_transport(caps("zmq", "shm", "nixl"), caps("zmq", "shm", "nixl"), "zmq") == ("zmq", "requested")
     with pytest.raises(ValueError, match="decode supports"):
