@@ -144,6 +144,16 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
 def worker_main(args: argparse.Namespace) -> int:
     """``pdserve worker``: run this process as a worker of ``args.role`` (imports the engine,
     and torch, only here)."""
+    import sys
+
+    from worker.options import WorkerOptions
+    from worker.process import EXIT_CONFIG
+
+    try:
+        WorkerOptions.from_args(args)  # a bad option or --model is a configuration error
+    except ValueError as exc:
+        print(f"pdserve worker: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if getattr(args, "tp_rank", None) is not None:
         return _rank_main(args)
     if args.role == "prefill":

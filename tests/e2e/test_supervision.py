@@ -161,6 +161,6 @@ def test_stuck_tp_rank_and_a_worker_failing_at_start(tiny_model, caplog):
                 time.sleep(0.2)
             why = client.status()["router"]["given_up"]["decode-bad"]
             assert "exited with code 2 before registering, 2 times in a row" in why
-            assert "/nonexistent/config.json not found" in why
+            assert "--model '/nonexistent' is neither a known model name" in why
         assert cluster.supervisor.snapshot()["decode-bad"]["restarts"] == 1
         assert not tp_rank_pids(old["pid"])  # the stuck group is gone, every rank of it
