@@ -97,17 +97,28 @@ def test_killed_prefill_worker_loses_nothing(transport, tiny_model):
         pytest.importorskip("nixl")
     prompts, params = workload()
     prompts = [p * 4 for p in prompts]  # long prompts keep the prefill workers busy
-    # A small prefill budget spreads the prompts over many steps, so the kill lands mid-prefill.
     with LocalCluster(str(tiny_model), num_kv_blocks=2048, mode="disagg", num_prefill=2,
                       num_decode=1, kv_transport=transport, max_num_batched_tokens=128) as cluster:
         undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params))
-        killed = []
+        # A stopped prefill worker keeps whatever the router hands it (about half the prompts:
+        # the router balances outstanding prompt tokens), so the kill surely lands on requests in
+        # flight however fast the other worker prefills. The victim is named, never "the
+        # busiest": striking the running worker would leave only the stopped one, and then
+        # ``unavailable`` after the router's wait is the right answer.
+        cluster.kill_worker("prefill-0", signal.SIGSTOP)
+        with Client(cluster.endpoint, timeout=30) as client:
+            failovers = client.status()["router"]["failovers"]
         disturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params,
-                                            fault=lambda: kill_busiest(cluster, "prefill", killed),
+                                            fault=lambda: cluster.kill_worker("prefill-0", signal.SIGKILL),
                                             fault_after_tokens=1))
-        assert len(killed) == 1
         assert disturbed == undisturbed
         with Client(cluster.endpoint, timeout=30) as client:
+            status = client.status()
+            # It held requests, and they failed over whether the kill or the silence rule
+            # (a slow machine) noticed it first.
+            assert status["router"]["failovers"] > failovers
+            (dead,) = [w for w in status["workers"] if w["id"] == "prefill-0"]
+            assert not dead["alive"] and dead["dead_rule"] in ("disconnected", "silent")
             wait_all_blocks_free(client)
 
 

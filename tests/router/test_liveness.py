@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from router import protocol as P
-from router.client import AsyncClient
+from router.client import AsyncClient, Unavailable
 from router.liveness import Progress, verdict
 from router.payloads import HeartbeatStats
 from router.worker_link import RegistrationRefused, WorkerLink
@@ -69,3 +69,57 @@ async def test_a_worker_with_work_and_no_steps_is_declared_stuck_and_its_request
             await link.close()
         thread.stop()
     assert isinstance(alloc, P.Allocate)
+
+
+async def test_a_stopped_prefill_workers_request_moves_to_the_live_one_then_its_kill_changes_nothing(tmp_path):
+    """A SIGSTOPped prefill worker keeps its connection but neither heartbeats nor answers: the
+    silence rule declares it dead and its request completes on the other prefill worker, well
+    before ``unavailable_timeout_s``; the later SIGKILL (its connection drops) changes nothing.
+    With every prefill worker dead or stopped, ``unavailable`` is the right answer: that, not a
+    router gap, is what striking the running worker rather than the stopped one produces."""
+    thread = make_router(tmp_path, heartbeat_timeout_s=0.5, unavailable_timeout_s=1.5, stuck_timeout_s=30.0)
+    links = {}
+    for wid, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+        links[wid] = WorkerLink(thread.config.backend, wid,
+                                worker_info(role, fingerprint=FINGERPRINT, transports=CAPS, pid=200 + len(links)),
+                                stats=lambda: {"num_steps": 0, "has_work": False}, heartbeat_s=0.05)
+        await links[wid].connect()
+    p0, p1, d0 = links.values()
+
+    async def hand_off(prefill_link):
+        alloc = await asyncio.wait_for(d0.recv(), 10)
+        assert isinstance(alloc, P.Allocate)
+        d0.send(P.Allocated(alloc.rid, alloc.transfer_id, {"blocks": [0]}))
+        prefill = await asyncio.wait_for(prefill_link.recv(), 10)
+        assert isinstance(prefill, P.Prefill) and prefill.transfer_id == alloc.transfer_id
+        return alloc
+
+    try:
+        p0._heartbeat_task.cancel()  # SIGSTOP: the socket stays connected, nothing more is said
+        async with AsyncClient(thread.config.frontend, timeout=30) as client:
+            done = asyncio.ensure_future(client.complete(prompt_token_ids=[1, 2, 3], max_tokens=2,
+                                                         ignore_eos=True))
+            first = await hand_off(p0)  # p0 (ties go to the lower id) sits on it
+            # p0 declared silent: d0 hears that its writer is dead, and the attempt ends.
+            assert await asyncio.wait_for(d0.recv(), 10) == P.PeerDead("p0")
+            assert await asyncio.wait_for(d0.recv(), 10) == P.Free(first.rid)
+            again = await hand_off(p1)
+            assert again.token_ids == first.token_ids and again.rid != first.rid
+            await p0.close()  # SIGKILL: the connection drops; nothing depends on p0 any more
+            p1.send(P.FirstToken(again.rid, again.transfer_id, 7, -0.5))
+            d0.send(P.Started(again.rid, again.transfer_id))
+            d0.send(P.Tokens("d0", 1, [[again.rid, 8, -0.5, "length"]]))
+            result = await asyncio.wait_for(done, 10)
+            assert result.token_ids == [7, 8]
+            status = await client.status()
+            (dead,) = [w for w in status["workers"] if w["id"] == "p0"]
+            assert (dead["alive"], dead["dead_rule"]) == (False, "silent")
+            assert status["router"]["failovers"] == 1
+            # No live prefill worker at all (p1 killed too): after the wait, unavailable.
+            await p1.close()
+            with pytest.raises(Unavailable, match="no worker could serve the request for 1.5s"):
+                await client.complete(prompt_token_ids=[1, 2, 3], max_tokens=2)
+    finally:
+        for link in links.values():
+            await link.close()
+        thread.stop()
