@@ -10,10 +10,20 @@ again or incoming messages may sit unnoticed, so every send schedules one drain 
 
 Peer disconnects: a ROUTER socket's monitor reports the file descriptor of a dropped
 connection, and every received message carries the descriptor it came in on (``zmq.SRCFD``),
-so the socket maps descriptors to routing ids and calls ``on_disconnect(routing_id)``. Any
-other socket calls ``on_disconnect(reason)`` when its connection drops: ``AUTH_FAILED`` if the
-connection closed before its handshake completed (the peer refused our CurveZMQ keys, or
-lack of them), else ``b""``.
+so the socket maps descriptors to routing ids and calls ``on_disconnect(routing_id)``.
+
+Any other socket calls ``on_disconnect(reason)``:
+- ``AUTH_FAILED`` when the peer refused us: its authenticator denied our CurveZMQ key
+  (``HANDSHAKE_FAILED_AUTH``, the peer's ERROR command), or one side uses CurveZMQ and the other
+  does not (``HANDSHAKE_FAILED_PROTOCOL`` with a mechanism mismatch), or a CurveZMQ box did not
+  open (a cryptographic protocol error). Reported once until a handshake succeeds again.
+- ``b""`` when a connection that had completed its handshake drops.
+A connection that drops before its handshake completed for any other reason
+(``HANDSHAKE_FAILED_NO_DETAIL``: the peer was killed or restarted mid-handshake, or closed the
+connection without a word, as a CurveZMQ server does with a HELLO made for another server key)
+is no refusal and carried no message: zmq reconnects and sends what waits, and nothing is
+reported. libzmq posts the handshake failure before the disconnect, but the refusal is acted on
+when its own event arrives, so the order never matters.
 """
 from __future__ import annotations
 
@@ -36,6 +46,10 @@ _raw_send = zmq.backend.Socket.send
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 AUTH_FAILED = b"auth"
+# Handshake protocol errors that mean the peer's security mechanism or keys do not match ours.
+_REFUSALS = (zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC)
+_PEER_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
 # Outcomes of LoopSocket.send_to_peer.
 SENT, FULL, GONE = "sent", "full", "gone"
 
@@ -63,9 +77,9 @@ class LoopSocket:
         self._fd_peer: dict[int, bytes] = {}
         self._fd_stale: dict[int, int] = {}
         self._handshaken = False  # the current connection completed its handshake
+        self._refusal_told = False  # AUTH_FAILED reported since the last completed handshake
         if on_disconnect is not None:
-            events = zmq.EVENT_DISCONNECTED | (0 if self._is_router else zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            self._monitor = sock.get_monitor_socket(events)
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED if self._is_router else _PEER_EVENTS)
             self.loop.add_reader(self._monitor.FD, self._drain)
         self.loop.add_reader(sock.FD, self._drain)
         self._schedule_drain()
@@ -192,13 +206,8 @@ class LoopSocket:
     def _drain_monitor(self, monitor: zmq.Socket) -> None:
         while monitor.get(zmq.EVENTS) & zmq.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._handshaken = True
-            if event["event"] != zmq.EVENT_DISCONNECTED:
-                continue
             if not self._is_router:
-                reason, self._handshaken = (b"" if self._handshaken else AUTH_FAILED), False
-                self._peer_gone(reason)
+                self._peer_event(event["event"], event["value"])
                 continue
             fd = event["value"]
             if self._fd_stale.get(fd):
@@ -207,6 +216,20 @@ class LoopSocket:
             peer = self._fd_peer.pop(fd, None)
             if peer is not None:
                 self._peer_gone(peer)
+
+    def _peer_event(self, kind: int, value: int) -> None:
+        """A non-ROUTER socket's connection event (see the module docstring)."""
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._handshaken, self._refusal_told = True, False
+        elif kind == zmq.EVENT_DISCONNECTED:
+            if self._handshaken:
+                self._handshaken = False
+                self._peer_gone(b"")
+        elif (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+              or (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value in _REFUSALS)):
+            if not self._refusal_told:
+                self._refusal_told = True
+                self._peer_gone(AUTH_FAILED)
 
     def _peer_gone(self, peer: bytes) -> None:
         try:

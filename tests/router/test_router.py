@@ -4,6 +4,7 @@ that need one simply wait (the request flow with real workers is in tests/e2e)."
 import asyncio
 import random
 import shutil
+import socket
 
 import msgpack
 import pytest
@@ -206,7 +207,6 @@ async def test_client_sees_unavailable_when_the_router_dies(tmp_path):
 
 
 def _free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -246,6 +246,46 @@ async def test_curve_keys_admit_known_peers_only(tmp_path):
             await link.connect()
     finally:
         thread.stop()
+
+
+async def test_a_connection_dropped_mid_handshake_is_no_authentication_failure(tmp_path):
+    """A peer that accepts and then drops the connection before the handshake completes (a
+    router killed or restarting mid-handshake) refuses nobody: the worker keeps trying until
+    its registration bound and the client until its reply timeout, and neither says
+    "CurveZMQ authentication failed" (the refusals themselves are in the test above)."""
+    from router.cli import main as cli_main
+    from router.client import ClientTimeout
+    from router.worker_link import RouterUnreachable
+    assert cli_main(["keys", str(tmp_path / "keys")]) == 0
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    accepted = 0
+
+    async def drop_every_connection():
+        nonlocal accepted
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            conn.close()
+            accepted += 1
+
+    dropper = asyncio.ensure_future(drop_every_connection())
+    try:
+        for curve in (str(tmp_path / "keys"), None):
+            link = WorkerLink(endpoint, "d0", worker_info("decode", fingerprint=FINGERPRINT), stats=dict,
+                              curve_dir=curve, register_timeout_s=1.5)
+            with pytest.raises(RouterUnreachable, match="no router answered"):
+                await link.connect()
+            async with AsyncClient(endpoint, timeout=1.5, curve=curve) as c:
+                with pytest.raises(ClientTimeout, match="nothing arrived from the router"):
+                    await c.status()
+        assert accepted >= 4
+    finally:
+        dropper.cancel()
+        listener.close()
 
 
 def test_binding_off_host_without_keys_is_refused(tmp_path):
