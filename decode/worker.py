@@ -180,6 +180,11 @@ class DecodeWorker(StepWorker):
     def thread_health(self) -> str | None:
         if self.receiver is not None and not self.receiver.is_alive():
             return "the KV receiver thread stopped"
+        if self.coordinator is not None:
+            # Every rank's receiver reports its own end to the coordinator (read on this loop
+            # by the KV event listener); rank 0's thread is also checked directly above.
+            for rank, why in sorted(self.coordinator.stopped_ranks.items()):
+                return f"the KV receiver thread of TP rank {rank} stopped: {why}"
         return None
 
     def kv_stats(self) -> dict:

@@ -31,7 +31,7 @@ from kvtransfer.wire import WireError, pack, unpack
 
 logger = logging.getLogger(__name__)
 
-RANK_KINDS = frozenset({"hello", "rank_started", "rank_done", "rank_failed", "released"})
+RANK_KINDS = frozenset({"hello", "rank_started", "rank_done", "rank_failed", "released", "rank_stopped"})
 
 
 @dataclass
@@ -61,6 +61,8 @@ class KVCoordinator:
         self._clock = clock
         self._ranks: dict[int, dict] = {}  # rank -> its receiver's entry (KVReceiver.describe)
         self._rank_errors: dict[int, str] = {}
+        # rank -> why its receiver thread ended unasked (reported by the thread as it ends)
+        self.stopped_ranks: dict[int, str] = {}
         self._progress: dict[str, _Progress] = {}
         self._events: list[TransferEvent] = []
         self._counts = {"transfers_done": 0, "transfers_failed": 0, "reservations_expired": 0,
@@ -210,6 +212,10 @@ class KVCoordinator:
             raise WireError(f"a {kind} claims rank {rank} from {identity!r} in a TP group of {self.tp_size}")
         if kind == "hello":
             self._register(rank, msg["entry"])
+            return
+        if kind == "rank_stopped":
+            logger.error("decode rank %d's KV receiver thread stopped: %s", rank, msg["reason"])
+            self.stopped_ranks[rank] = msg["reason"]
             return
         tid = msg["x"]
         progress = self._progress.get(tid)

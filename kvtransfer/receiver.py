@@ -164,12 +164,30 @@ class KVReceiver:
         self._ready.set()
         if self._error is None:
             self._report("hello", rank=self.rank, entry=self._entry)
+            why = "its loop returned"
             try:
                 self._loop()
-            except Exception:
+            except Exception as exc:
                 logger.exception("KV receiver rank %d stopped", self.rank)
+                why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            if not self._stop.is_set():
+                self._tell_stopped(why)
         self._data.close()
         self._ctrl.close()
+
+    def _tell_stopped(self, why: str) -> None:
+        """Tell rank 0's coordinator that this thread ends unasked: on ranks > 0 nothing else
+        would notice until the rank's process exits (rank 0 reports it in the heartbeat's
+        ``health`` and the worker exits). A few tries: the coordinator may be gone too."""
+        message = pack("rank_stopped", rank=self.rank, reason=why)
+        for _ in range(20):
+            try:
+                self._ctrl.send(message)
+                return
+            except zmq.Again:
+                continue
+            except zmq.ZMQError:
+                return
 
     def _loop(self) -> None:
         with_data, control_only = zmq.Poller(), zmq.Poller()

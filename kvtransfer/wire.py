@@ -7,7 +7,8 @@ Three links carry them (see ``kvtransfer/transport.py`` for the protocol):
   follow as raw frames),
   ``nx`` (one NIXL write landed), ``done``, ``abort``, ``md_req`` (and the reply ``md``);
 - decode coordinator -> decode rank: ``open``, ``close``, ``dead``;
-- decode rank -> decode coordinator: ``hello``, ``rank_done``, ``rank_failed``, ``released``.
+- decode rank -> decode coordinator: ``hello``, ``rank_done``, ``rank_failed``, ``released``,
+  ``rank_stopped`` (the rank's receiver thread ended unasked, with why).
 
 Nothing here imports torch. Tensors never travel inside msgpack.
 """
@@ -34,6 +35,7 @@ SCHEMAS: dict[str, tuple[dict, dict]] = {
     "rank_done": ({"x": _STR, "rank": _INT}, {"tok": _INT, "lp": _NUM}),
     "rank_failed": ({"x": _STR, "rank": _INT, "reason": _STR}, {"writer_dead": _BOOL}),
     "released": ({"x": _STR, "rank": _INT}, {}),
+    "rank_stopped": ({"rank": _INT, "reason": _STR}, {}),
 }
 
 

@@ -164,3 +164,29 @@ def test_stuck_tp_rank_and_a_worker_failing_at_start(tiny_model, caplog):
             assert "--model '/nonexistent' is neither a known model name" in why
         assert cluster.supervisor.snapshot()["decode-bad"]["restarts"] == 1
         assert not tp_rank_pids(old["pid"])  # the stuck group is gone, every rank of it
+
+
+INJECT_DIR = os.path.join(os.path.dirname(__file__), "inject")
+
+
+def test_a_dead_kv_receiver_thread_on_tp_rank_1_ends_its_worker(tiny_model, tmp_path):
+    """Rank 1 of a TP-2 decode worker loses its KV receiver thread (injected: it raises): rank 0
+    hears of it from the coordinator, reports itself unhealthy and exits with one line saying
+    which rank and why; the other decode worker goes on serving."""
+    trigger = tmp_path / "break-the-receiver"
+    env = {"PYTHONPATH": os.pathsep.join([INJECT_DIR, os.environ.get("PYTHONPATH", "")]),
+           "PDSERVE_TEST_RECEIVER_FAIL": f"1:{trigger}"}
+    with LocalCluster(str(tiny_model), mode="disagg", num_prefill=1, num_decode=1, num_kv_blocks=128,
+                      env=env) as cluster:
+        cluster.start_worker("decode", "decode-tp2", extra_args=("--tp", "2"))
+        cluster.wait_for_workers(3, 120)
+        (tp2,) = [w for w in cluster.worker_processes() if w.worker_id == "decode-tp2"]
+        trigger.touch()
+        assert tp2.proc.wait(60) == 1
+        line = "pdserve worker decode-tp2 exits: the KV receiver thread of TP rank 1 stopped: " \
+               "RuntimeError: injected receiver failure"
+        assert line in tp2.log_tail(40)
+        with Client(cluster.endpoint, timeout=60) as client:
+            (dead,) = [w for w in client.status()["workers"] if w["id"] == "decode-tp2"]
+            assert not dead["alive"]
+            assert len(client.complete(prompt_token_ids=[5, 6, 7], max_tokens=4, ignore_eos=True).token_ids) == 4

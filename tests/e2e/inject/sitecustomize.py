@@ -1,0 +1,27 @@
+"""Fault injection for tests, run at start-up by every Python process that has this directory
+on its PYTHONPATH (a worker and the TP ranks it spawns).
+
+``PDSERVE_TEST_RECEIVER_FAIL=RANK:PATH``: the KV receiver thread of TP rank RANK raises once the
+file PATH exists (the other ranks' receivers run normally), so a test can break one rank's
+thread after the worker registered.
+"""
+import os
+
+_spec = os.environ.get("PDSERVE_TEST_RECEIVER_FAIL")
+if _spec:
+    import time
+
+    from kvtransfer import receiver as _receiver
+
+    _rank, _path = _spec.split(":", 1)
+    _original = _receiver.KVReceiver._loop
+
+    def _loop(self):
+        if self.rank != int(_rank):
+            return _original(self)
+        while not self._stop.is_set():
+            if os.path.exists(_path):
+                raise RuntimeError("injected receiver failure")
+            time.sleep(0.05)
+
+    _receiver.KVReceiver._loop = _loop
