@@ -29,7 +29,7 @@ def workload():
     return prompts, params
 
 
-async def run_streams(endpoint, prompts, params, fault=None, fault_after_tokens=0):
+async def run_streams(endpoint, prompts, params, fault=None, fault_after_tokens=0, max_tokens=MAX_TOKENS):
     """Stream every request; once ``fault_after_tokens`` tokens arrived in total, call ``fault``."""
     received = 0
     fired = asyncio.Event()
@@ -37,7 +37,7 @@ async def run_streams(endpoint, prompts, params, fault=None, fault_after_tokens=
     async def one(client, prompt, p):
         nonlocal received
         tokens = []
-        async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=MAX_TOKENS,
+        async for chunk in client.generate(prompt_token_ids=prompt, max_tokens=max_tokens,
                                            ignore_eos=True, **p):
             tokens += chunk.token_ids
             received += len(chunk.token_ids)
@@ -99,7 +99,8 @@ def test_killed_prefill_worker_loses_nothing(transport, tiny_model):
     prompts = [p * 4 for p in prompts]  # long prompts keep the prefill workers busy
     with LocalCluster(str(tiny_model), num_kv_blocks=2048, mode="disagg", num_prefill=2,
                       num_decode=1, kv_transport=transport, max_num_batched_tokens=128) as cluster:
-        undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params))
+        # Short streams: the stopped worker holds its prompts until the kill, whatever their length.
+        undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params, max_tokens=16))
         # A stopped prefill worker keeps whatever the router hands it (about half the prompts:
         # the router balances outstanding prompt tokens), so the kill surely lands on requests in
         # flight however fast the other worker prefills. The victim is named, never "the
@@ -110,7 +111,7 @@ def test_killed_prefill_worker_loses_nothing(transport, tiny_model):
             failovers = client.status()["router"]["failovers"]
         disturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params,
                                             fault=lambda: cluster.kill_worker("prefill-0", signal.SIGKILL),
-                                            fault_after_tokens=1))
+                                            fault_after_tokens=1, max_tokens=16))
         assert disturbed == undisturbed
         with Client(cluster.endpoint, timeout=30) as client:
             status = client.status()
