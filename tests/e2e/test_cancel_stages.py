@@ -13,7 +13,7 @@ import pytest
 
 from router.client import Client
 from router.launcher import LocalCluster
-from tests.e2e.helpers import greedy_reference
+from tests.e2e.helpers import greedy_reference, unrestarted_workers, wait_all_blocks_free, wait_kv_free_after
 from tests.e2e.pause_control import PauseControl
 
 pytestmark = pytest.mark.slow
@@ -50,11 +50,7 @@ class Stages:
     def __init__(self, cluster: LocalCluster, pauses: PauseControl, mode: str):
         self.cluster, self.pauses, self.mode = cluster, pauses, mode
         with Client(cluster.endpoint, timeout=60) as client:
-            # A first heartbeat from every worker: later checks compare step counts with it.
-            def heard_from_all():
-                workers = client.status()["workers"]
-                return all(w["stats"] for w in workers) and workers
-            workers = wait_for(heard_from_all, "heartbeat from every worker")
+            workers = wait_all_blocks_free(client)  # after a first heartbeat from each: steps are counted
             self.pids = {w["id"]: w["pid"] for w in workers}
         self.decode_pid = next((pid for wid, pid in self.pids.items() if wid.startswith("decode")), None)
 
@@ -125,26 +121,13 @@ def cancel_queued(stages: Stages, client: Client, aborted: int) -> None:
 
 
 def check_unharmed(stages: Stages, client: Client, fresh_reference: list[int]) -> None:
-    steps = {w["id"]: w["stats"]["num_steps"] for w in same_workers(stages, client.status())}
+    steps = {w["id"]: w["stats"]["num_steps"] for w in unrestarted_workers(client.status(), stages.pids)}
     result = client.complete(prompt_token_ids=FRESH, max_tokens=FRESH_MAX_TOKENS, ignore_eos=True,
                              temperature=0)
     assert result.token_ids == fresh_reference
-
-    def all_free():
-        # Only from heartbeats sent after the fresh request's steps, so never one older than the cancel.
-        status = client.status()
-        return all(w["stats"]["num_steps"] > steps[w["id"]] and w["free_blocks"] == w["num_blocks"]
-                   and not w["running"] for w in same_workers(stages, status)) and status
-    router = wait_for(all_free, "100% free KV on every worker")["router"]
+    # From heartbeats sent after the fresh request's steps, so never from one older than the cancel.
+    router = wait_kv_free_after(client, stages.pids, steps)["router"]
     assert (router["active"], router["queued"]) == (0, 0)
-
-
-def same_workers(stages: Stages, status: dict) -> list[dict]:
-    """The workers, after checking they are the processes the cluster started, never restarted."""
-    workers = status["workers"]
-    assert {w["id"]: w["pid"] for w in workers if w["alive"]} == stages.pids, workers
-    assert [w["restarts"] for w in workers] == [0] * len(stages.pids), workers
-    return workers
 
 
 def wait_router(client: Client, predicate) -> None:
