@@ -23,14 +23,19 @@ MODES = {"zmq": {"mode": "disagg", "kv_transport": "zmq"},
          "nixl": {"mode": "disagg", "kv_transport": "nixl"},
          "colocated": {"mode": "colocated", "num_workers": 1}}
 STAGES = ("queued_at_router", "allocate", "prefill_queued", "mid_chunk", "last_chunk",
-          "kv_in_flight", "decoding", "finishing")
-NOT_COLOCATED = {"kv_in_flight": "colocated mode moves no KV between workers"}
+          "kv_in_flight", "kv_in_flight_mid_prompt", "decoding", "finishing")
+# The pause points that hold a stage (default: the point of its name), released last to first.
+# kv_in_flight_mid_prompt: the sender holds the first chunk's KV while the model thread holds
+# the second chunk, so the cancel finds the transfer open with most of the prompt to come.
+STAGE_POINTS = {"kv_in_flight_mid_prompt": ("kv_in_flight", "mid_chunk")}
+NOT_COLOCATED = {"kv_in_flight": "colocated mode moves no KV between workers",
+                 "kv_in_flight_mid_prompt": "colocated mode moves no KV between workers"}
 # Stages held on the prefill worker while the router still counts the request as prefilling:
 # both workers get a Free, and both must have handled it before the pause ends.
-PREFILL_STAGES = {"prefill_queued", "mid_chunk", "last_chunk", "kv_in_flight"}
+PREFILL_STAGES = {"prefill_queued", "mid_chunk", "last_chunk", "kv_in_flight", "kv_in_flight_mid_prompt"}
 BUDGET = 32          # max_num_batched_tokens: a 100-token prompt runs as 4 chunks
 NUM_BLOCKS = 40      # of 16 tokens; the blocker below reserves 26, a queued request needs 19
-PROMPT_LEN = {"mid_chunk": 100, "last_chunk": 40}
+PROMPT_LEN = {"mid_chunk": 100, "last_chunk": 40, "kv_in_flight_mid_prompt": 100}
 MAX_TOKENS = {"decoding": 64, "finishing": 4}
 FRESH_MAX_TOKENS = 12
 ROUTER_OPTIONS = {"heartbeat_timeout_s": 60.0, "stuck_timeout_s": 60.0}  # a held loop is not a dead worker
@@ -78,30 +83,39 @@ def test_cancel_at_stage(stage, stages, fresh_reference):
         pytest.skip(NOT_COLOCATED[stage])
     try:
         with Client(stages.cluster.endpoint, timeout=60) as client:
-            aborted = client.status()["router"]["aborted"]
+            before = client.status()
+            aborted = before["router"]["aborted"]
             if stage == "queued_at_router":
                 cancel_queued(stages, client, aborted)
             else:
                 cancel_paused(stages, client, stage, aborted)
-            check_unharmed(stages, client, fresh_reference)
+            after = check_unharmed(stages, client, fresh_reference)
+            if stage == "kv_in_flight_mid_prompt":  # aborted while open; the fresh request's is done
+                (done, failed), (done_after, failed_after) = transfers(before), transfers(after)
+                assert (done_after, failed_after) == (done + 1, failed + 1)
     finally:
         stages.pauses.reset()
 
 
 def cancel_paused(stages: Stages, client: Client, stage: str, aborted: int) -> None:
     pauses = stages.pauses
-    pauses.arm(stage)
+    points = STAGE_POINTS.get(stage, (stage,))
+    for point in points:
+        pauses.arm(point)
     stream = client.generate(prompt_token_ids=prompt(stage, PROMPT_LEN.get(stage, 20)),
                              max_tokens=MAX_TOKENS.get(stage, 16), ignore_eos=True, temperature=0)
-    rid, pid = pauses.wait_reached(stage)
+    held = [pauses.wait_reached(point) for point in points]
     if stage in MAX_TOKENS:
         assert len(next(stream).token_ids) == 1  # the first token reached the client
     stream.close()
     wait_router(client, lambda r: r["aborted"] == aborted + 1)
     if stage != "allocate":  # (there the held thread is the loop: the Free waits in its socket)
-        holders = {pid} | ({stages.decode_pid} if stages.decode_pid and stage in PREFILL_STAGES else set())
-        pauses.wait_freed(rid, holders)
-    pauses.release(stage)
+        holders = {pid for _, pid in held}
+        if stages.decode_pid and stage in PREFILL_STAGES:
+            holders.add(stages.decode_pid)
+        pauses.wait_freed(held[0][0], holders)
+    for point in reversed(points):
+        pauses.release(point)
 
 
 def cancel_queued(stages: Stages, client: Client, aborted: int) -> None:
@@ -120,14 +134,21 @@ def cancel_queued(stages: Stages, client: Client, aborted: int) -> None:
     pauses.release("decoding")
 
 
-def check_unharmed(stages: Stages, client: Client, fresh_reference: list[int]) -> None:
+def check_unharmed(stages: Stages, client: Client, fresh_reference: list[int]) -> dict:
     steps = {w["id"]: w["stats"]["num_steps"] for w in unrestarted_workers(client.status(), stages.pids)}
     result = client.complete(prompt_token_ids=FRESH, max_tokens=FRESH_MAX_TOKENS, ignore_eos=True,
                              temperature=0)
     assert result.token_ids == fresh_reference
     # From heartbeats sent after the fresh request's steps, so never from one older than the cancel.
-    router = wait_kv_free_after(client, stages.pids, steps)["router"]
-    assert (router["active"], router["queued"]) == (0, 0)
+    status = wait_kv_free_after(client, stages.pids, steps)
+    assert (status["router"]["active"], status["router"]["queued"]) == (0, 0)
+    return status
+
+
+def transfers(status: dict) -> tuple[int, int]:
+    """The prefill worker's KV transfers: (done, failed or aborted)."""
+    (prefill,) = [w["stats"] for w in status["workers"] if w["role"] == "prefill"]
+    return prefill["transfers_done"], prefill["transfers_failed"]
 
 
 def wait_router(client: Client, predicate) -> None:
