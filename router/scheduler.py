@@ -35,6 +35,7 @@ from router.placement import anything_fits, place, release, release_prefill, res
 from router.ports import Observer, Outbox
 from router.request import Request, State
 from router.tokenizing import PromptTokenizer, TokenizeJob
+from router.validation import InvalidRequest
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
@@ -79,7 +80,7 @@ class RequestScheduler:
                     raise Rejected(msg.rid, P.ERR_OVERLOADED, f"{len(self.tokenizer)} long prompts are "
                                                               "already being tokenized (the limit); retry later")
                 self.admission.precheck(msg, self.model, num_waiting, mine)
-                self.tokenizer.start(client, msg, self.model)
+                self.tokenizer.start(client, msg, self.admission.encoder(msg, self.model))
                 return
             req = self.admission.admit(client, msg, self.model, num_waiting, mine)
         except Rejected as exc:
@@ -95,8 +96,9 @@ class RequestScheduler:
 
     def _tokenized(self, job: TokenizeJob, encoded: list[int] | Exception) -> None:
         if isinstance(encoded, Exception):
-            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID,
-                                              f"the prompt could not be tokenized: {encoded}"))
+            message = str(encoded) if isinstance(encoded, InvalidRequest) else \
+                f"the prompt could not be tokenized: {encoded}"
+            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID, message))
             return
         try:
             req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizer),
