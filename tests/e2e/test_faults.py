@@ -62,10 +62,16 @@ def kill_busiest(cluster, role, killed: list):
     killed.append(victim["id"])
 
 
+@pytest.fixture(scope="module")
+def greedy(tiny_model):
+    """transformers' output for the workload's greedy half (computed once: it is the slow part)."""
+    prompts, _ = workload()
+    return greedy_reference(tiny_model, prompts[::2], MAX_TOKENS, stop_ids=())
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_killed_decode_worker_loses_and_duplicates_nothing(layout, tiny_model):
+def test_killed_decode_worker_loses_and_duplicates_nothing(layout, tiny_model, greedy):
     prompts, params = workload()
-    greedy = greedy_reference(tiny_model, prompts[::2], MAX_TOKENS, stop_ids=())
     role = "decode" if layout == "disagg" else "both"
     with LocalCluster(str(tiny_model), num_kv_blocks=1024, **LAYOUTS[layout]) as cluster:
         undisturbed = asyncio.run(run_streams(cluster.endpoint, prompts, params))
