@@ -10,7 +10,6 @@ vLLM all read the very same weights. The directory is cached under ``$PDSERVE_CA
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys

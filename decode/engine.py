@@ -18,6 +18,7 @@ from models.request_options import RequestOptions
 from models.runner import ModelRunner
 from prefill.scheduler import PrefillRequest, PrefillScheduler, ScheduledChunk
 from router.payloads import TokenItem
+from worker import pause_points
 from worker.step_plan import PlanChunk, StepPlan
 
 
@@ -133,6 +134,11 @@ class DecodeEngine:
         return StepPlan(tuple(PlanChunk.of(c) for c in chunks))
 
     def execute_plan(self, plan: StepPlan) -> list[SampleResult | None]:
+        if pause_points.ENABLED:   # the model thread: _plan_state is set until apply
+            seqs, prefill_chunks = self._plan_state
+            pause_points.pause_chunks(prefill_chunks)
+            if seqs:
+                pause_points.pause("decoding", seqs[0].rid)
         return run_step_plan(self.runner, plan)
 
     def apply(self, results: list[SampleResult | None]) -> StepOutput:

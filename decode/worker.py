@@ -15,6 +15,7 @@ from kvtransfer.transport import TransferDone
 from models.parallel import ParallelContext
 from models.request_options import RequestOptions
 from router import protocol as P
+from worker import pause_points
 from worker.options import WorkerOptions
 from worker.process import run_worker
 from worker.runner import build_runner, restrict, worker_info
@@ -79,6 +80,7 @@ class DecodeWorker(StepWorker):
                 self.coordinator.peer_dead(msg.worker_id)
         elif isinstance(msg, P.Free):
             self._free(msg.rid, published=msg.reason != P.FREE_UNWRITTEN)
+            pause_points.note("free", msg.rid)
 
     def _allocate(self, msg: P.Allocate) -> None:
         token_ids = list(msg.token_ids)
@@ -94,6 +96,7 @@ class DecodeWorker(StepWorker):
         except (NoFreeBlocks, ValueError) as exc:
             self.link.send(P.Allocated(msg.rid, msg.transfer_id, None, str(exc)))
             return
+        pause_points.pause("allocate", msg.rid)
         self.link.send(P.Allocated(msg.rid, msg.transfer_id, dest))
 
     def _reserve_remote(self, msg: P.Allocate, token_ids: list[int], options: RequestOptions) -> dict:
@@ -153,6 +156,16 @@ class DecodeWorker(StepWorker):
                 if seq is not None:
                     self.link.send(P.WorkerError(rid, event.transfer_id,
                                                  f"KV transfer failed: {event.reason}"))
+
+    def queued_rid(self) -> str | None:
+        scheduler = self.engine.prefill_scheduler
+        return scheduler.first_unscheduled() if scheduler is not None else None
+
+    def finishing_rid(self, out) -> str | None:
+        for item in out.items:
+            if item.finish_reason is not None:
+                return item.rid
+        return next((rid for rid, _, _, reason in out.first_tokens if reason is not None), None)
 
     def on_router_lost(self) -> None:
         """Abort everything: no one is left to stream the tokens to."""

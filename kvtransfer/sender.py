@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import zmq
 
@@ -68,7 +68,10 @@ class KVSender:
     """Sends KV from one prefill rank's pool; thread-safe to call from the model thread."""
 
     def __init__(self, pool: KVPool, *, sender_id: str, rank: int = 0, tp_size: int = 1,
-                 config: SenderConfig | None = None):
+                 config: SenderConfig | None = None,
+                 after_layers: Callable[[str], None] | None = None):
+        """``after_layers(transfer_id)`` runs on the sender thread after each batch of layers
+        went out (a test hook: it may block the thread to hold a transfer in flight)."""
         if not 0 <= rank < tp_size:
             raise ValueError(f"rank {rank} is outside a TP group of {tp_size}")
         if not sender_id:
@@ -78,6 +81,7 @@ class KVSender:
         self.rank = rank
         self.tp_size = tp_size
         self.config = config or SenderConfig()
+        self._after_layers = after_layers
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -198,6 +202,8 @@ class KVSender:
                 self._begin(flight)
             elif kind == "layers" and not transfer.cancelled:
                 self._send_layers(flight, *job[2:])
+                if self._after_layers is not None:
+                    self._after_layers(transfer.transfer_id)
             elif kind == "finish" and not transfer.cancelled:
                 flight.first = (job[2], job[3])
                 flight.ending = "finish"

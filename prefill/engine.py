@@ -25,6 +25,7 @@ from models.sampler import SamplingParams
 from prefill.rank_step import RankTransfers, run_prefill_plan
 from prefill.scheduler import (TRANSFER_NONE, TRANSFER_OPEN, TRANSFER_SETTLED, PrefillRequest,
                                PrefillScheduler, ScheduledChunk)
+from worker import pause_points
 from worker.step_plan import KVSend, PlanChunk, StepPlan
 
 __all__ = ["Answer", "PrefillEngine", "RankTransfers", "run_prefill_plan"]
@@ -113,6 +114,8 @@ class PrefillEngine:
         return plan
 
     def execute_plan(self, plan: StepPlan) -> dict:
+        if pause_points.ENABLED:
+            pause_points.pause_chunks(self._in_flight)
         return run_prefill_plan(self.runner, self.transfers, plan)
 
     def apply(self, output: dict) -> list[Answer]:

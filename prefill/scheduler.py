@@ -93,6 +93,10 @@ class PrefillScheduler:
     def has_work(self) -> bool:
         return bool(self.waiting)
 
+    def first_unscheduled(self) -> str | None:
+        """The rid of the first waiting request no step has computed any of yet, if any."""
+        return next((r.rid for r in self.waiting if r.num_computed == r.num_prefix_hit), None)
+
     def schedule(self) -> list[ScheduledChunk]:
         """Chunks for one forward pass, at most ``max_num_batched_tokens`` tokens in all."""
         budget = self.max_num_batched_tokens

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 from models.parallel import ParallelContext
 from models.request_options import RequestOptions
 from prefill.engine import Answer, PrefillEngine, RankTransfers, run_prefill_plan
 from router import protocol as P
+from worker import pause_points
 from worker.options import WorkerOptions
 from worker.process import run_worker
 from worker.runner import build_runner, restrict, worker_info
@@ -26,8 +28,10 @@ log = logging.getLogger("pdserve.prefill")
 
 def _make_transfers(opts: WorkerOptions, runner, ctx: ParallelContext) -> RankTransfers:
     from kvtransfer.sender import KVSender
+    # The kv_in_flight pause point (worker/pause_points.py) holds the sender thread mid-transfer.
+    after_layers = partial(pause_points.pause, "kv_in_flight") if "kv_in_flight" in pause_points.ARMED else None
     return RankTransfers(KVSender(runner.pool, sender_id=opts.worker_id, rank=ctx.rank,
-                                  tp_size=ctx.world_size))
+                                  tp_size=ctx.world_size, after_layers=after_layers))
 
 
 def rank_main(ctx: ParallelContext, options: dict) -> None:
@@ -65,7 +69,11 @@ class PrefillWorker(StepWorker):
             self.wake.set()
         elif isinstance(msg, P.Free):
             self.publish(self.engine.abort(msg.rid))
+            pause_points.note("free", msg.rid)
             self.wake.set()
+
+    def queued_rid(self) -> str | None:
+        return self.engine.scheduler.first_unscheduled()
 
     def on_router_lost(self) -> None:
         for rid in list(self.engine.scheduler.by_rid):

@@ -4,14 +4,16 @@ Checks, in order: the request id, the model being known, the queue bound (``over
 every field (``validation.validate_generate``), and that the prompt plus ``max_tokens`` fits
 the largest decode worker's KV pool (a request that can never be placed is invalid, not queued).
 
-A text prompt longer than ``INLINE_PROMPT_CHARS`` is tokenized off the event loop
-(router/tokenizing.py) between ``precheck`` and ``admit``, so a 4 MiB prompt never stalls the
-streams of everyone else.
+A text prompt or chat longer than ``INLINE_PROMPT_CHARS`` is rendered and tokenized off the
+event loop (router/tokenizing.py) between ``precheck`` and ``admit``, so a 4 MiB prompt never
+stalls the streams of everyone else.
 """
 from __future__ import annotations
 
+import functools
 import secrets
 import time
+from typing import Callable
 
 from kvtransfer.spec import reservation_blocks
 from router import protocol as P
@@ -19,11 +21,11 @@ from router.config import RouterConfig
 from router.model_info import ModelInfo
 from router.output import OutputProcessor
 from router.request import Request
-from router.validation import (InvalidRequest, RequestSpec, check_text_prompt, validate_generate,
-                               validate_rid)
+from router.validation import (InvalidRequest, RequestSpec, check_text_prompt, encode_prompt,
+                               prompt_chars, validate_generate, validate_rid)
 from router.workers import WorkerRegistry
 
-# Text prompts up to this many characters are tokenized inline (a few milliseconds at most).
+# Prompts (or chats) up to this many characters are tokenized inline (a few milliseconds at most).
 INLINE_PROMPT_CHARS = 4096
 
 
@@ -47,7 +49,11 @@ class Admission:
     @staticmethod
     def is_heavy(msg: P.Generate) -> bool:
         """Whether tokenizing ``msg`` belongs off the event loop."""
-        return isinstance(msg.prompt, str) and len(msg.prompt) > INLINE_PROMPT_CHARS
+        return prompt_chars(msg) > INLINE_PROMPT_CHARS
+
+    def encoder(self, msg: P.Generate, model: ModelInfo) -> Callable[[], list[int]]:
+        """What tokenizes ``msg`` off the loop (after ``precheck``); it raises InvalidRequest."""
+        return functools.partial(encode_prompt, msg, model, self._max_len(model))
 
     def precheck(self, msg: P.Generate, model: ModelInfo | None, num_waiting: int,
                  client_rids) -> None:

@@ -328,10 +328,7 @@ class LocalCluster:
             self._status_client.close()
             self._status_client = None
         if self._router_thread is not None:
-            try:
-                self._router_thread.stop(stop_workers=True)
-            except Exception:
-                log.exception("stopping the router")
+            self._router_thread.stop(stop_workers=True)
             self._router_thread = None
         elif self._router_proc is not None:
             _signal_group(self._router_proc, signal.SIGTERM)

@@ -119,13 +119,16 @@ class RouterThread:
         self._loop.call_soon_threadsafe(fn, self.router)
 
     def stop(self, stop_workers: bool = True) -> None:
-        """Close the router (telling workers to shut down if ``stop_workers``) and the thread."""
+        """Close the router (telling workers to shut down if ``stop_workers``) and the thread.
+        Never raises: a failure to close cleanly is logged and the thread is stopped anyway."""
         if not self._thread.is_alive():
             return
         try:
             self.call(self.router.close, stop_workers)
             if self.gateway is not None:
                 asyncio.run_coroutine_threadsafe(self.gateway.close(), self._loop).result(10)
+        except Exception:
+            log.exception("stopping the router")
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

@@ -25,47 +25,22 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Protocol
 
-from kvtransfer.allocator import block_hashes
-from kvtransfer.spec import reservation_blocks
 from router import protocol as P
 from router.admission import Admission, Rejected
 from router.config import RouterConfig
 from router.model_info import ModelInfo
 from router.payloads import TokenItem
-from router.policy import pick_decode, pick_prefill
+from router.placement import anything_fits, place, release, release_prefill, reserve
+from router.ports import Observer, Outbox
 from router.request import Request, State
 from router.tokenizing import PromptTokenizer, TokenizeJob
+from router.validation import InvalidRequest
 from router.workers import WorkerRecord, WorkerRegistry
 
 log = logging.getLogger("pdserve.router")
 MAX_SCAN_MISSES = 32        # queued requests that do not fit, tried per schedule() pass
 REFUSAL_BACKOFF_S = (0.02, 1.0)  # first and longest wait before retrying a refusing decode worker
-
-
-class Outbox(Protocol):
-    def to_worker(self, worker: WorkerRecord, msg: P.Message) -> None: ...
-
-    def chunk(self, req: Request, token_ids: list[int], text: str, finish_reason: str | None) -> bool:
-        """Send a Chunk. False: the request must end now without another answer (the client
-        is gone, or too far behind and was sent an ``overloaded`` error instead)."""
-
-    def error(self, client: bytes, client_rid: str, code: str, message: str) -> None: ...
-
-
-class Observer(Protocol):
-    """Told of each request's milestones (router/metrics.py)."""
-
-    def on_scheduled(self, req: Request) -> None: ...
-
-    def on_token(self, req: Request) -> None: ...
-
-    def on_kv_landed(self, req: Request) -> None: ...
-
-    def on_finished(self, req: Request, reason: str, error_code: str | None) -> None: ...
-
-    def on_rejected(self, code: str) -> None: ...
 
 
 class RequestScheduler:
@@ -105,7 +80,7 @@ class RequestScheduler:
                     raise Rejected(msg.rid, P.ERR_OVERLOADED, f"{len(self.tokenizer)} long prompts are "
                                                               "already being tokenized (the limit); retry later")
                 self.admission.precheck(msg, self.model, num_waiting, mine)
-                self.tokenizer.start(client, msg, self.model)
+                self.tokenizer.start(client, msg, self.admission.encoder(msg, self.model))
                 return
             req = self.admission.admit(client, msg, self.model, num_waiting, mine)
         except Rejected as exc:
@@ -121,8 +96,9 @@ class RequestScheduler:
 
     def _tokenized(self, job: TokenizeJob, encoded: list[int] | Exception) -> None:
         if isinstance(encoded, Exception):
-            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID,
-                                              f"the prompt could not be tokenized: {encoded}"))
+            message = str(encoded) if isinstance(encoded, InvalidRequest) else \
+                f"the prompt could not be tokenized: {encoded}"
+            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID, message))
             return
         try:
             req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizer),
@@ -178,47 +154,24 @@ class RequestScheduler:
     def _dispatch(self, req: Request) -> bool | None:
         """Place ``req`` on workers: True if placed, False if it does not fit now, None if no
         request could be placed now (no live decode worker with room, or no prefill worker)."""
-        spec = self.registry.kv_spec
-        max_len = self.registry.max_model_len()
-        if spec is None or max_len is None:
+        if not anything_fits(self.registry):
             return None
-        alive = self.registry.alive()
-        if not any(w.can_decode and not w.is_full and w.free_blocks_estimate > 0 for w in alive):
-            return None
-        context = req.context_ids
-        num_blocks = reservation_blocks(len(context), req.spec.max_tokens, len(req.output_ids), max_len,
-                                   spec.block_size)
-        decode = pick_decode(alive, num_blocks)
-        if decode is None:
+        placement = place(self.registry, req)
+        if placement is None:
             return False
-        if decode.role == "both":
-            prefill, transport, hashes = decode, "local", []
-        else:
-            hashes = block_hashes(context, spec.block_size)
-            candidates = [w for w in self.registry.alive()
-                          if w.role == "prefill" and self.registry.transport_for(w, decode) is not None]
-            prefill = pick_prefill(candidates, len(context), hashes, spec.block_size)
-            if prefill is None:
-                return False
-            transport = self.registry.transport_for(prefill, decode) or ""
         req.attempt += 1
         if req.attempt == 1 and self.observer is not None:
             self.observer.on_scheduled(req)
         req.transfer_id = f"{req.rid}.{req.attempt}"
         req.state = State.ALLOCATING
         req.handoff_since = time.monotonic()
-        req.decode, req.prefill = decode, prefill
-        req.prompt_hashes = hashes
-        req.num_blocks, req.prefill_tokens = num_blocks, len(context)
-        decode.reserved_blocks += num_blocks
-        decode.num_decoding += 1
-        prefill.outstanding_tokens += len(context)
-        prefill.num_prefilling += 1
+        reserve(req, placement)
         req.decode_holds = True
         self.attempts[req.transfer_id] = req
-        writer = "" if prefill is decode else prefill.worker_id
-        self.outbox.to_worker(decode, P.Allocate(req.transfer_id, req.transfer_id, context, req.spec.sampling,
-                                                 len(req.output_ids), transport, writer))
+        writer = "" if placement.prefill is placement.decode else placement.prefill.worker_id
+        self.outbox.to_worker(placement.decode, P.Allocate(
+            req.transfer_id, req.transfer_id, req.context_ids, req.spec.sampling, len(req.output_ids),
+            placement.transport, writer))
         return True
 
     # -- worker events ---------------------------------------------------------------------
@@ -263,7 +216,7 @@ class RequestScheduler:
         req = self._current(msg.rid, msg.transfer_id, worker, "prefill")
         if req is None or req.state is not State.PREFILLING:
             return
-        self._release_prefill(req)
+        release_prefill(req)
         worker.num_prefilled += 1
         worker.last_progress = time.monotonic()
         req.prefill_holds = False
@@ -373,7 +326,7 @@ class RequestScheduler:
                 notify: bool = True, error: tuple[str, str] | None = None) -> None:
         """End a request: Free on its workers, release accounting, answer the client."""
         self._free_on_workers(req)
-        self._release(req)
+        release(req)
         if req.state is State.QUEUED:
             self.waiting.remove(req)
         req.state = State.DONE
@@ -421,7 +374,7 @@ class RequestScheduler:
 
     def _requeue(self, req: Request) -> None:
         """Back to the front of the queue, keeping the output produced so far."""
-        self._release(req)
+        release(req)
         self.attempts.pop(req.transfer_id, None)
         req.state = State.QUEUED
         req.decode = req.prefill = None
@@ -440,20 +393,6 @@ class RequestScheduler:
                 and not (req.decode_holds and req.prefill is req.decode)):
             self.outbox.to_worker(req.prefill, P.Free(req.transfer_id))
         req.decode_holds = req.prefill_holds = False
-
-    def _release_prefill(self, req: Request) -> None:
-        if req.prefill_tokens and req.prefill is not None:
-            req.prefill.outstanding_tokens -= req.prefill_tokens
-            req.prefill.num_prefilling -= 1
-            req.prefill_tokens = 0
-
-    def _release(self, req: Request) -> None:
-        self._release_prefill(req)
-        if req.num_blocks and req.decode is not None:
-            req.decode.reserved_blocks -= req.num_blocks
-            req.decode.num_decoding -= 1
-            req.decode.is_full = False
-            req.num_blocks = 0
 
     def stats(self) -> dict:
         states = dict.fromkeys((s.value for s in State if s is not State.DONE), 0)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
 from typing import Protocol
 
@@ -32,8 +30,9 @@ from router.payloads import HeartbeatStats
 from router.request import Request
 from router.scaling import Drainer, Scaler
 from router.scheduler import RequestScheduler
+from router.status import router_status
 from router.security import CurveKeys
-from router.sockets import LoopSocket
+from router.sockets import LoopSocket, prepare_ipc_endpoint
 from router.watchdog import Watchdog
 from router.workers import RegistrationError, WorkerRecord, WorkerRegistry
 
@@ -41,25 +40,6 @@ log = logging.getLogger("pdserve.router")
 
 _chunk_packer = msgpack.Packer(use_bin_type=True)
 _error_packer = msgpack.Packer(use_bin_type=True)
-
-
-def prepare_ipc_endpoint(endpoint: str) -> None:
-    """Create an ipc endpoint's directory; refuse a path another process is listening on
-    (binding would silently take it over)."""
-    if not endpoint.startswith("ipc://"):
-        return
-    path = endpoint[len("ipc://"):]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return  # a stale socket file: binding replaces it
-    finally:
-        probe.close()
-    raise ValueError(f"another process is listening on {endpoint}; stop it or choose another endpoint")
 
 
 class LocalClient(Protocol):
@@ -361,44 +341,8 @@ class Router:
 
     # -- status -----------------------------------------------------------------------------
     def status(self) -> dict:
-        model = self.scheduler.model
-        workers = []
-        for w in sorted(self.registry.by_id.values(), key=lambda w: (not w.alive, w.role, w.worker_id)):
-            stats = w.stats or HeartbeatStats()
-            num_blocks = w.num_blocks if stats.num_blocks is None else stats.num_blocks
-            free = num_blocks if stats.free_blocks is None else stats.free_blocks
-            workers.append({
-                "id": w.worker_id, "role": w.role, "tp": w.tp_size, "alive": w.alive,
-                "transports": list(w.transports), "num_blocks": num_blocks, "free_blocks": free,
-                "kv_usage": round(1 - free / num_blocks, 4) if num_blocks else 0.0,
-                "running": stats.running, "queued": stats.waiting + stats.reserved,
-                "assigned": w.num_decoding + w.num_prefilling,
-                "num_prefilled": w.num_prefilled, "num_decoded": w.num_decoded,
-                "pid": w.info.get("pid"), "host": w.info.get("host"),
-                "node": w.info.get("node") or w.info.get("host"), "draining": w.draining,
-                "stats": w.stats.to_wire() if w.stats is not None else {},
-                "dead_rule": None if w.alive else w.dead_rule,
-                "dead_reason": None if w.alive else w.dead_reason,
-                "restarts": self.supervision.get(w.worker_id, {}).get("restarts", 0),
-            })
-        return {"router": {"uptime_s": round(time.monotonic() - self.started_at, 3),
-                           "model": model.name if model else None,
-                           "fingerprint": self.registry.fingerprint,
-                           "kv_spec": self.registry.kv_spec.to_dict() if self.registry.kv_spec else None,
-                           "num_workers": len(self.registry.alive()), "http": self.http_url,
-                           "restarts": self.num_restarts,
-                           "given_up": {wid: s["gave_up"] for wid, s in self.supervision.items()
-                                        if s.get("gave_up")},
-                           "client_replies_dropped": self.clients.num_dropped if self.clients else 0,
-                           **self.scheduler.stats()},
-                "workers": workers, "pairs": self._pairs()}
-
-    def _pairs(self) -> list[dict]:
-        """The KV transport of every live (prefill, decode) pair."""
-        live = sorted(self.registry.alive(), key=lambda w: w.worker_id)
-        return [{"prefill": p.worker_id, "decode": d.worker_id,
-                 "transport": self.registry.transport_for(p, d)}
-                for p in live if p.role == "prefill" for d in live if d.role == "decode"]
+        """What ``pdserve status`` and ``Client.status()`` show (router/status.py)."""
+        return router_status(self)
 
 
 def _rid_of(payload: bytes) -> str | None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections import deque
 from typing import Callable
 
@@ -223,3 +225,22 @@ class LoopSocket:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
+
+
+def prepare_ipc_endpoint(endpoint: str) -> None:
+    """Create an ipc endpoint's directory; refuse a path another process is listening on
+    (binding would silently take it over)."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://"):]
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # a stale socket file: binding replaces it
+    finally:
+        probe.close()
+    raise ValueError(f"another process is listening on {endpoint}; stop it or choose another endpoint")

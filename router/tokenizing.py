@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TypeVar
 
 from router import protocol as P
-from router.model_info import ModelInfo
+
+T = TypeVar("T")
+
+
+class TokenizerFull(Exception):
+    """``limit`` prompts are already waiting for the tokenizer thread."""
 
 
 @dataclass(eq=False)
@@ -32,10 +37,11 @@ class PromptTokenizer:
         self.limit = limit
         self.on_done = on_done
         self.jobs: dict[tuple[bytes, str], TokenizeJob] = {}
+        self.num_side_jobs = 0  # ``run`` calls not finished on the thread
         self._thread: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
-        return len(self.jobs)
+        return len(self.jobs) + self.num_side_jobs
 
     def __contains__(self, key: tuple[bytes, str]) -> bool:
         return key in self.jobs
@@ -44,13 +50,31 @@ class PromptTokenizer:
     def is_full(self) -> bool:
         return len(self.jobs) >= self.limit
 
-    def start(self, client: bytes, msg: P.Generate, model: ModelInfo) -> None:
-        """Tokenize ``msg.prompt`` with ``model``'s tokenizer (call from the loop)."""
+    def _executor(self) -> ThreadPoolExecutor:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-tokenize")
+        return self._thread
+
+    def start(self, client: bytes, msg: P.Generate, encode: Callable[[], list[int]]) -> None:
+        """Run ``encode()`` (``msg``'s prompt or chat to token ids) on the thread; call from the loop."""
         job = self.jobs[(client, msg.rid)] = TokenizeJob(client, msg)
-        future = asyncio.get_running_loop().run_in_executor(self._thread, model.tokenizer.encode, msg.prompt)
+        future = asyncio.get_running_loop().run_in_executor(self._executor(), encode)
         future.add_done_callback(lambda f: self._done(job, f))
+
+    def run(self, fn: Callable[..., T], *args) -> asyncio.Future[T]:
+        """Run ``fn(*args)`` on the tokenizer thread, behind the prompts already there (the
+        HTTP gateway's chat templates and long text prompts). It counts toward ``limit`` until
+        it has finished on the thread, even if the caller stops waiting. Raises TokenizerFull
+        when ``limit`` jobs are already waiting or running."""
+        if self.is_full:
+            raise TokenizerFull(f"{len(self)} long prompts are already being tokenized (the limit); retry later")
+        self.num_side_jobs += 1
+        future = asyncio.get_running_loop().run_in_executor(self._executor(), fn, *args)
+        future.add_done_callback(self._side_done)
+        return future
+
+    def _side_done(self, future: asyncio.Future) -> None:
+        self.num_side_jobs -= 1
 
     def _done(self, job: TokenizeJob, future: asyncio.Future) -> None:
         if self.jobs.get((job.client, job.msg.rid)) is job:

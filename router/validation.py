@@ -102,18 +102,47 @@ def _check_text(text: str, what: str, model: ModelInfo, max_model_len: int) -> N
                              "instead of text")
 
 
-def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int,
-                encoded: list[int] | None) -> list[int]:
-    check_text_prompt(msg, model, max_model_len)
+def encode_prompt(msg: P.Generate, model: ModelInfo, max_model_len: int) -> list[int]:
+    """The token ids of a text prompt or a chat (``check_text_prompt`` passed), checked against
+    the max model length: the slow part of ``validate_generate``, which router/tokenizing.py
+    runs off the event loop for long prompts. Raises InvalidRequest."""
     if msg.messages is not None:
         text = render_chat(msg.messages, model)
         _check_text(text, "the chat", model, max_model_len)
         # A rendered chat holds its own special tokens (as in transformers' apply_chat_template).
         return _encoded(model.tokenizer.encode(text, add_special_tokens=False), "the chat",
                         max_model_len)
-    if msg.prompt is not None:
-        ids = encoded if encoded is not None else model.tokenizer.encode(msg.prompt)
-        return _encoded(ids, "the prompt", max_model_len)
+    return _encoded(model.tokenizer.encode(msg.prompt), "the prompt", max_model_len)
+
+
+def prompt_chars(msg: P.Generate) -> int:
+    """About how many characters tokenizing ``msg`` reads (0 for token ids): what decides
+    whether it is done off the event loop."""
+    if isinstance(msg.prompt, str):
+        return len(msg.prompt)
+    return messages_chars(msg.messages) if isinstance(msg.messages, list) else 0
+
+
+def messages_chars(messages: list) -> int:
+    """About how many characters a chat's messages hold (their string fields and text parts)."""
+    total = 0
+    for message in messages:
+        for value in message.values() if isinstance(message, dict) else ():
+            if isinstance(value, str):
+                total += len(value)
+            elif isinstance(value, list):  # content parts: [{"type": "text", "text": ...}, ...]
+                total += sum(len(v) for part in value if isinstance(part, dict)
+                             for v in part.values() if isinstance(v, str))
+    return total
+
+
+def _prompt_ids(msg: P.Generate, model: ModelInfo, max_model_len: int,
+                encoded: list[int] | None) -> list[int]:
+    check_text_prompt(msg, model, max_model_len)
+    if encoded is not None:
+        return encoded  # encode_prompt ran off the loop
+    if msg.messages is not None or msg.prompt is not None:
+        return encode_prompt(msg, model, max_model_len)
     ids = msg.prompt_token_ids
     if not ids:
         raise InvalidRequest("prompt_token_ids is empty; send at least one token id")

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from models.parallel import ParallelContext
 from router.payloads import HeartbeatStats
+from worker import pause_points
 from worker.options import WorkerOptions
 from worker.step_plan import StepPlan
 from worker.tp_group import TPGroup, broadcast
@@ -44,6 +45,10 @@ class StepWorker:
     async def step_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if pause_points.ENABLED:
+                rid = self.queued_rid()
+                if rid is not None:
+                    await pause_points.pause_async("prefill_queued", rid)
             plan = self.engine.build_plan()
             if plan is None:
                 self.has_work = False
@@ -53,11 +58,24 @@ class StepWorker:
             self.has_work = True
             output = await loop.run_in_executor(self.model_thread, self._execute, plan)
             self.num_steps += 1
-            self.publish(self.engine.apply(output))
+            applied = self.engine.apply(output)
+            if pause_points.ENABLED:
+                rid = self.finishing_rid(applied)
+                if rid is not None:
+                    await pause_points.pause_async("finishing", rid)
+            self.publish(applied)
             self.after_step(output)
 
     def publish(self, applied) -> None:
         raise NotImplementedError
+
+    def queued_rid(self) -> str | None:
+        """A prompt queued here that no step has run yet (the ``prefill_queued`` pause point)."""
+        return None
+
+    def finishing_rid(self, applied) -> str | None:
+        """A request the applied step ended (the ``finishing`` pause point)."""
+        return None
 
     def after_step(self, output) -> None:
         """Called with each step's raw output once it is applied and published."""

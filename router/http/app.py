@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from router.admission import INLINE_PROMPT_CHARS
 from router.chat_template import ChatTemplateError
 from router.http import sse
 from router.http.auth import ApiKeyCheck
@@ -23,6 +24,7 @@ from router.http.errors import APIError, invalid
 from router.http.openai_schema import (CompletionRequest, Prompt, check_model, parse_completion,
                                        parse_json, sampling_params)
 from router.http.responses import ResponseWriter
+from router.validation import MAX_CHARS_PER_TOKEN, messages_chars
 
 try:
     VERSION = version("pdserve")
@@ -59,9 +61,9 @@ def token_text_fn(gateway):
     return lambda token_id: tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def chat_prompt_ids(gateway, messages: list, add_generation_prompt: bool, kwargs: dict) -> list[int]:
+async def chat_prompt_ids(gateway, messages: list, add_generation_prompt: bool, kwargs: dict) -> list[int]:
     """Render ``messages`` with the model's chat template and tokenize (the template writes
-    the special tokens itself). Raises APIError(400)."""
+    the special tokens itself); a large chat off the event loop. Raises APIError(400)."""
     try:
         template = gateway.chat_template()
     except ChatTemplateError as exc:
@@ -73,11 +75,41 @@ def chat_prompt_ids(gateway, messages: list, add_generation_prompt: bool, kwargs
     if tokenizer is None:
         raise invalid("this model has no tokenizer, so chat messages cannot be encoded; use "
                       "/v1/completions with token ids", "messages")
-    try:
-        text = template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
-    except ChatTemplateError as exc:
-        raise invalid(str(exc), "messages") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+
+    def encode() -> list[int]:
+        try:
+            text = template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        except ChatTemplateError as exc:
+            raise invalid(str(exc), "messages") from None
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    if messages_chars(messages) > INLINE_PROMPT_CHARS:
+        return await gateway.off_loop(encode)
+    return encode()
+
+
+async def encode_text(gateway, text: str, add_special_tokens: bool = True) -> list[int]:
+    """``text``'s token ids; a long text off the event loop."""
+    encode = functools.partial(gateway.model.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    return await gateway.off_loop(encode) if len(text) > INLINE_PROMPT_CHARS else encode()
+
+
+async def encode_long_prompts(gateway, req: CompletionRequest) -> CompletionRequest:
+    """``req`` with its long text prompts as token ids, tokenized off the event loop (short
+    ones the router tokenizes inline, at admission, as for any client)."""
+    if gateway.model is None or gateway.model.tokenizer is None or not any(
+            p.text is not None and len(p.text) > INLINE_PROMPT_CHARS for p in req.prompts):
+        return req
+    max_chars = MAX_CHARS_PER_TOKEN * (gateway.max_model_len() or 1)
+    prompts = []
+    for prompt in req.prompts:
+        if prompt.text is not None and len(prompt.text) > max_chars:  # never worth tokenizing
+            raise invalid(f"the prompt has {len(prompt.text)} characters, far more than the max model "
+                          f"length of {gateway.max_model_len()} tokens; shorten the prompt", "prompt")
+        if prompt.text is not None and len(prompt.text) > INLINE_PROMPT_CHARS:
+            prompt = Prompt(token_ids=await encode_text(gateway, prompt.text))
+        prompts.append(prompt)
+    return dataclasses.replace(req, prompts=tuple(prompts))
 
 
 # -- completions --------------------------------------------------------------------------------
@@ -95,9 +127,11 @@ async def _complete(request: Request, chat: bool) -> Response:
     name = served_model(gateway)
     check_model(req.model, name)
     if chat:
-        ids = chat_prompt_ids(gateway, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        ids = await chat_prompt_ids(gateway, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         max_tokens = gateway.max_new_tokens(len(ids)) if req.max_tokens is None else req.max_tokens
         req = dataclasses.replace(req, prompts=(Prompt(token_ids=ids),), max_tokens=max_tokens)
+    else:
+        req = await encode_long_prompts(gateway, req)
     max_len = gateway.max_model_len() or 1
     client = gateway.open(req.num_choices)
     try:
@@ -220,14 +254,14 @@ async def tokenize(request: Request) -> Response:
         raise invalid("this model has no tokenizer")
     if "messages" in data:
         req = parse_completion({**data, "stream": False}, chat=True)
-        tokens = chat_prompt_ids(gateway, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        tokens = await chat_prompt_ids(gateway, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     else:
         prompt, add_special = data.get("prompt"), data.get("add_special_tokens", True)
         if not isinstance(prompt, str):
             raise invalid("prompt must be a string (or send messages)", "prompt")
         if not isinstance(add_special, bool):
             raise invalid("add_special_tokens must be true or false", "add_special_tokens")
-        tokens = tokenizer.encode(prompt, add_special_tokens=add_special)
+        tokens = await encode_text(gateway, prompt, add_special)
     return JSONResponse({"count": len(tokens), "max_model_len": gateway.max_model_len(), "tokens": tokens})
 
 

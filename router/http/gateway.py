@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections import deque
-from typing import Callable
+from typing import Callable, TypeVar
 
 import uvicorn
 
@@ -25,8 +25,10 @@ from router.chat_template import ChatTemplate
 from router.http.config import HttpConfig
 from router.http.errors import APIError
 from router.http.responses import Choice
+from router.tokenizing import TokenizerFull
 
 log = logging.getLogger("pdserve.http")
+T = TypeVar("T")
 MAX_PENDING_EVENTS = 1 << 16  # a client this far behind is dropped (its requests aborted)
 
 
@@ -181,6 +183,14 @@ class HttpGateway:
             req = scheduler.by_client.get(client.identity, {}).get(msg.rid)
             if req is not None:  # submit cannot have produced a token yet
                 req.logprobs = []
+
+    async def off_loop(self, fn: Callable[..., T], *args) -> T:
+        """``fn(*args)`` on the router's tokenizer thread (a long prompt, a large chat), so
+        the loop keeps streaming meanwhile; 429 when that thread already has its limit of work."""
+        try:
+            return await self.router.scheduler.tokenizer.run(fn, *args)
+        except TokenizerFull as exc:
+            raise APIError(429, str(exc)) from None
 
     def release(self, client: HttpClient) -> None:
         """The HTTP exchange is over: abort whatever is still running (client gone)."""

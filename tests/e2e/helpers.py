@@ -117,3 +117,28 @@ def wait_all_blocks_free(client, timeout_s: float = 30.0) -> list[dict]:
         if time.monotonic() > deadline:
             raise AssertionError(f"KV blocks not all free after {timeout_s}s: {workers}")
         time.sleep(0.1)
+
+
+def unrestarted_workers(status: dict, pids: dict[str, int]) -> list[dict]:
+    """``status``'s workers, after checking they are exactly the processes (worker id -> pid)
+    the cluster started with: none exited, none restarted."""
+    workers = status["workers"]
+    assert {w["id"]: w["pid"] for w in workers if w["alive"]} == pids, workers
+    assert [w["restarts"] for w in workers] == [0] * len(pids), workers
+    return workers
+
+
+def wait_kv_free_after(client, pids: dict[str, int], steps: dict[str, int], timeout_s: float = 30.0) -> dict:
+    """Poll status until every worker reports all KV free and nothing running in a heartbeat
+    sent after it ran more model steps than ``steps`` (worker id -> num_steps), so never in one
+    older than what is being checked; returns that status. Every poll also checks that the
+    workers are the unrestarted ``pids``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.status()
+        if all(w["stats"]["num_steps"] > steps[w["id"]] and w["free_blocks"] == w["num_blocks"]
+               and not w["running"] for w in unrestarted_workers(status, pids)):
+            return status
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks not all free after {timeout_s}s: {status['workers']}")
+        time.sleep(0.05)

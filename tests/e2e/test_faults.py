@@ -9,7 +9,7 @@ import pytest
 
 from router.client import AsyncClient, Client, Unavailable
 from router.launcher import LocalCluster
-from tests.e2e.helpers import greedy_reference, wait_all_blocks_free
+from tests.e2e.helpers import greedy_reference, unrestarted_workers, wait_all_blocks_free, wait_kv_free_after
 
 pytestmark = pytest.mark.slow
 
@@ -146,27 +146,56 @@ def test_router_death_is_noticed_by_clients_and_workers(tiny_model):
             assert len(client.complete(prompt_token_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
+STORM_SIZE = 1000
+STORM_BUDGET = 64  # max_num_batched_tokens: prompts up to 3x this run as several chunks
+STORM_ARRIVALS_S = 4.0  # requests arrive over this long, so cancels land at every stage
+FRESH = list(range(40, 140))  # longer than the budget: 2 chunks
+
+
+def storm_plan(seed: int) -> list[tuple[float, list[int], str, float]]:
+    """Per request: when it starts, its prompt, and when to cancel it: after ``n`` chunks
+    ("chunks") or ``t`` seconds after its start ("seconds"; it may have finished by then)."""
+    rng = random.Random(seed)
+    plan = []
+    for _ in range(STORM_SIZE):
+        start = rng.uniform(0.0, STORM_ARRIVALS_S)
+        prompt = [rng.randrange(32, 127) for _ in range(rng.randrange(2, 3 * STORM_BUDGET))]
+        plan.append((start, prompt, "chunks", rng.randrange(0, 8)) if rng.random() < 0.5
+                    else (start, prompt, "seconds", 10 ** rng.uniform(-3, 0.5)))  # 1 ms to 3 s
+    return plan
+
+
 @pytest.mark.parametrize("layout", ["disagg", "colocated"])
 def test_abort_storm_leaks_no_kv(layout, tiny_model):
-    rng = random.Random(1000)
+    """1,000 requests (a fixed seed) of random lengths, many over the prefill budget, cancelled
+    at random moments: afterwards no worker exited, the KV is all free and a fresh request exact."""
     options = {"mode": "disagg"} if layout == "disagg" else {"mode": "colocated", "num_workers": 1}
+    (fresh,) = greedy_reference(tiny_model, [FRESH], 12, stop_ids=())
+
+    async def one(client, start, prompt, when, amount):
+        await asyncio.sleep(start)
+        stream = client.generate(prompt_token_ids=prompt, max_tokens=40, ignore_eos=True)
+        if when == "seconds":
+            await asyncio.sleep(amount)
+        else:
+            for _ in range(amount):
+                if (await stream.__anext__()).finish_reason:
+                    return
+        await stream.aclose()
 
     async def storm(endpoint):
-        async def one(client, i):
-            stream = client.generate(prompt_token_ids=[rng.randrange(32, 127) for _ in range(rng.randrange(2, 80))],
-                                     max_tokens=40, ignore_eos=True)
-            for _ in range(rng.randrange(0, 8)):  # cancel at a random point of its life
-                chunk = await stream.__anext__()
-                if chunk.finish_reason:
-                    return
-            await stream.aclose()
         async with AsyncClient(endpoint, timeout=CLIENT_TIMEOUT_S) as client:
-            await asyncio.gather(*(one(client, i) for i in range(1000)))
+            await asyncio.gather(*(one(client, *planned) for planned in storm_plan(1000)))
 
-    with LocalCluster(str(tiny_model), num_kv_blocks=512, **options) as cluster:
-        asyncio.run(storm(cluster.endpoint))
+    with LocalCluster(str(tiny_model), num_kv_blocks=512, max_num_batched_tokens=STORM_BUDGET,
+                      supervise=True, **options) as cluster:
         with Client(cluster.endpoint, timeout=30) as client:
-            wait_all_blocks_free(client, timeout_s=60)
-            router = client.status()["router"]
+            pids = {w["id"]: w["pid"] for w in wait_all_blocks_free(client)}  # after a first heartbeat
+            asyncio.run(storm(cluster.endpoint))
+            # A fresh request is exact, and the KV is free in heartbeats sent after it ran.
+            steps = {w["id"]: w["stats"]["num_steps"] for w in unrestarted_workers(client.status(), pids)}
+            assert client.complete(prompt_token_ids=FRESH, max_tokens=12, ignore_eos=True,
+                                   temperature=0).token_ids == fresh
+            router = wait_kv_free_after(client, pids, steps, timeout_s=60)["router"]
             assert router["active"] == 0 and router["queued"] == 0
-            assert router["aborted"] + router["finished"] == 1000
+            assert router["aborted"] + router["finished"] == STORM_SIZE + 1

@@ -83,3 +83,14 @@ def test_abort_removes_a_waiting_request():
     sched.release(request)
     assert not sched.has_work() and sched.allocator.num_free_blocks == 8
     assert sched.abort("unknown") is None
+
+
+def test_first_unscheduled_skips_requests_a_step_has_run():
+    sched = PrefillScheduler(BlockAllocator(64, 4), max_num_batched_tokens=8)
+    assert sched.first_unscheduled() is None
+    sched.add(_request("long", 20))
+    sched.add(_request("next", 4, base=100))
+    assert sched.first_unscheduled() == "long"
+    (chunk,) = sched.schedule()
+    sched.complete(chunk)          # "long" is part-way: no longer untouched
+    assert sched.first_unscheduled() == "next"

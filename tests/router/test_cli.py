@@ -1,4 +1,3 @@
-import argparse
 import os
 import subprocess
 import sys

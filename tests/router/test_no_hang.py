@@ -3,6 +3,7 @@ unparseable input with requests in flight, oversized requests, a client past its
 a long prompt being tokenized, a queue head that does not fit, a refused reservation.
 Real router, real sockets; the workers are WorkerLinks whose every message the test writes."""
 import asyncio
+import dataclasses
 import re
 import socket
 import subprocess
@@ -198,4 +199,56 @@ async def test_admission_passes_over_a_head_that_does_not_fit_and_retries_a_refu
     finally:
         for link in (p0, d0):
             await link.close()
+        thread.stop()
+
+
+async def test_long_http_prompts_chats_and_socket_chats_are_tokenized_off_the_loop(tmp_path):
+    """A job holds the tokenizer thread; a long HTTP completion prompt, a long HTTP chat and a
+    long chat over the socket queue behind it while the loop keeps answering; once the thread
+    is released each is admitted (there are no workers, so each then waits in the queue)."""
+    import threading
+
+    import httpx2 as httpx
+
+    from router.http.config import HttpConfig
+
+    from router.chat_template import ChatTemplate
+
+    source = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    (tmp_path / "chat.jinja").write_text(source)  # the gateway's, and the same for socket chats
+    model = dataclasses.replace(model_info(max_model_len=1_000_000), _chat_template=ChatTemplate(source))
+    config = RouterConfig(frontend=f"ipc://{tmp_path}/c.ipc", backend=f"ipc://{tmp_path}/w.ipc")
+    thread = RouterThread(config, model, http=HttpConfig(port=0, chat_template=str(tmp_path / "chat.jinja"))).start()
+    gate = threading.Event()
+    thread.post(lambda router: router.scheduler.tokenizer.run(gate.wait))
+    long_text = "hello world " * 40_000  # 480,000 characters
+    try:
+        async with AsyncClient(config.frontend, timeout=60) as client, \
+                httpx.AsyncClient(base_url=thread.router.http_url, timeout=60) as http:
+            async def router_stats():
+                return (await client.status())["router"]
+
+            async def wait_for(key, value):
+                async with asyncio.timeout(30):
+                    while (await router_stats())[key] != value:
+                        await asyncio.sleep(0.02)
+
+            completion = asyncio.ensure_future(http.post("/v1/completions", json={
+                "prompt": long_text, "max_tokens": 2}))
+            await wait_for("tokenizing", 2)  # the gate, and the completion's prompt behind it
+            chat = asyncio.ensure_future(http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": long_text}], "max_tokens": 2}))
+            await wait_for("tokenizing", 3)
+            stream = client.generate(messages=[{"role": "user", "content": long_text}], max_tokens=2)
+            await wait_for("tokenizing", 4)  # the loop answered each status meanwhile
+            assert (await router_stats())["queued"] == 0
+            gate.set()
+            await wait_for("queued", 3)
+            stats = await router_stats()
+            assert stats["tokenizing"] == 0 and stats["rejected"] == 0
+            await stream.aclose()
+            for pending in (completion, chat):
+                pending.cancel()
+    finally:
+        gate.set()
         thread.stop()
