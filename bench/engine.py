@@ -2,7 +2,7 @@
 
     python -m bench.engine --json engine.json [--quick] [--device cpu|cuda]
         [--models demo,llama-0.37b-random,smollm2-135m-instruct] [--threads N] [--enforce-eager]
-        [--new-tokens N]
+        [--new-tokens N] [--dtypes float32,bfloat16]
 
 Both engines run the same checkpoints, the same random 128-token prompts and greedy decoding of
 the same number of new tokens (``min_new_tokens`` pins transformers' length), at batch 1, 8 and
@@ -19,7 +19,13 @@ minus a separately timed prefill forward). ``roofline_fraction`` uses pdserve's 
 at batch 1 decode streams every weight once per token, so the bound is memory bandwidth
 (``weight_bytes * tok_s / read_bandwidth``); at larger batches it is compute
 (``2 * params * tok_s / matmul_rate``, with the matmul rate measured in the row's dtype).
-``ratio`` is ``pdserve_tok_s / hf_tok_s``. Embedding tables are not counted (only one row per
+``ratio`` is ``pdserve_tok_s / hf_tok_s``. ``greedy_match`` is the fraction of sequences whose
+tokens all equal transformers'; for each other sequence, ``tie_gaps`` holds transformers' own
+logprob gap between its token and pdserve's at the first step where they differ (the context up
+to there is the same). A rounding difference can only flip a near-tie, so with
+``near_ties`` (every gap within ``TIE_NATS`` of the dtype) a low match is expected drift: one
+flipped near-tie changes the rest of the sequence. A larger gap means pdserve picked a token
+transformers ranks clearly lower: a bug, not rounding. Embedding tables are not counted (only one row per
 token is read), the LM head is. The machine's read bandwidth (large-tensor sum) and matmul
 rate (large square matmul) are measured in the same run.
 """
@@ -57,6 +63,9 @@ RANDOM_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=
                  max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODELS = ("demo", "llama-0.37b-random", "smollm2-135m-instruct")
+# Largest logprob gap a rounding difference between two engines explains: bf16 keeps 8 bits of
+# mantissa, so logits of magnitude 10-30 sit 0.06-0.125 apart after every layer's rounding.
+TIE_NATS = {"float32": 0.01, "bfloat16": 0.5}
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,22 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int, device: torch.devic
     return RunTiming(prefill_s, total_s, out[:, input_ids.shape[1]:].tolist())
 
 
+def tie_gaps(hf_model, prompts: list[list[int]], ours: list[list[int]], theirs: list[list[int]],
+             device: torch.device) -> list[float]:
+    """For each sequence whose greedy tokens differ: |transformers' logprob of its token minus
+    that of pdserve's| at the first differing step, from one forward over the common context."""
+    gaps = []
+    for prompt, mine, hf in zip(prompts, ours, theirs):
+        step = next((i for i, (a, b) in enumerate(zip(mine, hf)) if a != b), None)
+        if step is None:
+            continue
+        context = torch.tensor([prompt + mine[:step]], device=device)
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(hf_model(input_ids=context).logits[0, -1].float(), -1)
+        gaps.append(round(abs(float(logprobs[hf[step]] - logprobs[mine[step]])), 4))
+    return gaps
+
+
 def fastest(runs: list[RunTiming]) -> RunTiming:
     return min(runs, key=lambda r: r.total_s)
 
@@ -190,7 +215,8 @@ def bench_model(name: str, model_dir: Path, dtype: str, device: torch.device, ba
         prompts = rng.integers(0, vocab_size, (batch, PROMPT_LEN)).tolist()
         ours = fastest([run_pdserve(runner, prompts, new_tokens) for _ in range(repeats)])
         theirs = fastest([run_hf(hf_model, prompts, new_tokens, device) for _ in range(repeats)])
-        rows.append(make_row(name, dtype, batch, new_tokens, params, ours, theirs, machine))
+        gaps = tie_gaps(hf_model, prompts, ours.outputs, theirs.outputs, device)
+        rows.append(make_row(name, dtype, batch, new_tokens, params, ours, theirs, machine, gaps))
         print_row(rows[-1])
     runner.close()
     del runner, hf_model
@@ -199,7 +225,7 @@ def bench_model(name: str, model_dir: Path, dtype: str, device: torch.device, ba
 
 
 def make_row(name: str, dtype: str, batch: int, new_tokens: int, params: int, ours: RunTiming,
-             theirs: RunTiming, machine: dict) -> dict:
+             theirs: RunTiming, machine: dict, gaps: list[float]) -> dict:
     generated = batch * new_tokens
     decoded = batch * (new_tokens - 1)
     ours_decode = decoded / (ours.total_s - ours.prefill_s)
@@ -223,12 +249,14 @@ def make_row(name: str, dtype: str, batch: int, new_tokens: int, params: int, ou
         "pdserve_decode_tok_s": round(ours_decode, 2),
         "hf_decode_tok_s": round(theirs_decode, 2),
         "greedy_match": round(same / batch, 3),
+        "tie_gaps": gaps,
+        "near_ties": all(g <= TIE_NATS[dtype] for g in gaps),
     }
 
 
 HEADER = (f"{'model':<18} {'dtype':<9} {'batch':>5} {'pdserve tok/s':>13} {'hf tok/s':>9} "
           f"{'ratio':>6} {'pd decode':>10} {'hf decode':>10} {'pd/hf prefill s':>16} "
-          f"{'roofline':>8} {'match':>6}")
+          f"{'roofline':>8} {'match':>6}  first differences")
 
 
 def print_row(row: dict) -> None:
@@ -236,7 +264,16 @@ def print_row(row: dict) -> None:
     print(f"{row['model']:<18} {row['dtype']:<9} {row['batch']:>5} {row['pdserve_tok_s']:>13.1f} "
           f"{row['hf_tok_s']:>9.1f} {row['ratio']:>6.2f} {row['pdserve_decode_tok_s']:>10.1f} "
           f"{row['hf_decode_tok_s']:>10.1f} {prefill:>16} {row['roofline_fraction']:>8.3f} "
-          f"{row['greedy_match']:>6.2f}", flush=True)
+          f"{row['greedy_match']:>6.2f}  {differences(row)}", flush=True)
+
+
+def differences(row: dict) -> str:
+    """How the sequences that differ from transformers' first differ."""
+    gaps = row["tie_gaps"]
+    if not gaps:
+        return "-"
+    verdict = "near-ties (rounding)" if row["near_ties"] else "NOT near-ties: check the engine"
+    return f"{len(gaps)} at logprob gaps <= {max(gaps):.3f}: {verdict}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,12 +287,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=threads_per_rank(1),
                         help="torch threads (default: what the launcher gives one worker here)")
     parser.add_argument("--enforce-eager", action="store_true", help="pdserve without compiling")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated subset of float32,bfloat16 (default: float32, and "
+                             "bfloat16 where it is fast; always both for smollm2-135m-instruct)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="tokens generated per sequence (default: 128; 16 with --quick)")
     args = parser.parse_args(argv)
     names = [m for m in args.models.split(",") if m]
     if not names or any(m not in MODELS for m in names):
         parser.error(f"--models takes a comma-separated subset of {','.join(MODELS)}")
+    only = None if args.dtypes is None else [d for d in args.dtypes.split(",") if d]
+    if only is not None and (not only or any(d not in TORCH_DTYPES for d in only)):
+        parser.error(f"--dtypes takes a comma-separated subset of {','.join(TORCH_DTYPES)}")
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     if args.new_tokens is not None and args.new_tokens < 2:
@@ -272,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     new_tokens = args.new_tokens or (16 if args.quick else 128)
     batches = [1, 8, 32]
-    dtypes = ["float32"] + (["bfloat16"] if has_fast_bf16(device) else [])
+    dtypes = only or ["float32"] + (["bfloat16"] if has_fast_bf16(device) else [])
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"warning: load average {load_before:.1f} before starting; other processes on "
@@ -304,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             models.append(("smollm2-135m-instruct", real_model_dir, 1, ["float32", "bfloat16"]))
         for name, make_dir, repeats, model_dtypes in models:
             model_dir = make_dir()
-            for dtype in model_dtypes:
+            for dtype in (d for d in model_dtypes if only is None or d in only):
                 results += bench_model(name, model_dir, dtype, device, batches, new_tokens,
                                        repeats, machine, args.enforce_eager)
     if args.json:

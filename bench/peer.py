@@ -140,9 +140,13 @@ def wait_ready_line(server: Server, timeout_s: float) -> tuple[str, float]:
 
 
 # -- the workload -------------------------------------------------------------------------------
-def run_bench(target: list[str], concurrency: int, args, out: Path) -> dict:
-    """One closed-loop run of ``pdserve bench`` against ``target``; its JSON metrics."""
-    argv = [sys.executable, "-m", "router.cli", "bench", *target,
+def run_bench(target: list[str], concurrency: int, args, out: Path, seed: int) -> dict:
+    """One closed-loop run of ``pdserve bench`` against ``target``; its JSON metrics.
+
+    Every run of one server gets its own ``seed`` and so its own prompts: with one seed, a later
+    run (the ZMQ client after the OpenAI one, concurrency 16 after 1) would find the earlier
+    run's prompts in the prefix cache and report a prefill it never did as its TTFT."""
+    argv = [sys.executable, "-m", "router.cli", "bench", *target, "--seed", str(seed),
             "--input-len", str(args.input_len), "--output-len", str(args.output_len),
             "--ignore-eos", "--num-warmups", "4", "--request-rate", "inf",
             "--max-concurrency", str(concurrency),
@@ -161,10 +165,11 @@ def run_bench(target: list[str], concurrency: int, args, out: Path) -> dict:
     return row
 
 
-def sweep(name: str, target: list[str], args, tmp: Path) -> dict:
+def sweep(name: str, target: list[str], args, tmp: Path, first_seed: int = 0) -> dict:
+    """Each concurrency in turn, with seeds ``first_seed``, ``first_seed + 1``, ..."""
     print(f"{name}:", flush=True)
-    return {f"conc{c}": run_bench(target, c, args, tmp / f"{name}-{c}.json")
-            for c in CONCURRENCIES}
+    return {f"conc{c}": run_bench(target, c, args, tmp / f"{name}-{c}.json", first_seed + i)
+            for i, c in enumerate(CONCURRENCIES)}
 
 
 def bench_vllm(args, model_dir: Path, tmp: Path) -> dict:
@@ -200,7 +205,7 @@ def bench_pdserve(layout: str, args, model_dir: Path, tmp: Path) -> dict:
         zmq = ["--endpoint", f"ipc://{tmp}/{layout}.ipc"]
         return {"ready_s": round(ready_s, 1), "compile_s": compile_s,
                 "openai": sweep(f"pdserve-{layout}-openai", http, args, tmp),
-                "zmq": sweep(f"pdserve-{layout}-zmq", zmq, args, tmp)}
+                "zmq": sweep(f"pdserve-{layout}-zmq", zmq, args, tmp, len(CONCURRENCIES))}
 
 
 # -- report -------------------------------------------------------------------------------------

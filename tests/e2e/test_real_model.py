@@ -18,6 +18,7 @@ from models.tokenizer import Tokenizer
 from router.chat_template import ChatTemplate
 from router.client import AsyncClient, Client
 from tests.e2e.helpers import serve, wait_all_blocks_free
+from worker.runner import EAGER_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ CHATS = [
     [{"role": "user", "content": "Translate 'good morning' into Spanish and French."}],
 ]
 SHAPES = {  # one server each; the first serves the default model with no --model at all
-    "colocated": ["--mode", "colocated"],
+    "colocated": ["--mode", "colocated"],  # compiled decode graphs (the others run eager)
     "1p1d-shm": ["--kv-transport", "shm"],
     "1p1d-zmq": ["--kv-transport", "zmq"],
     "2p2d": ["--prefill", "2", "--decode", "2"],
@@ -120,8 +121,10 @@ async def _chat_all(endpoint):
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_greedy_chats_equal_transformers(shape, model_dir, reference, tmp_path):
+def test_greedy_chats_equal_transformers(shape, model_dir, reference, tmp_path, monkeypatch):
     model = [] if shape == "colocated" else ["--model", str(model_dir)]
+    if shape == "colocated":  # the serving default: decode steps through compiled graphs
+        monkeypatch.delenv(EAGER_ENV, raising=False)
     with serve(tmp_path, *model, "--num-kv-blocks", "128", *SHAPES[shape], timeout_s=600) as (ep, _):
         results = asyncio.run(_chat_all(ep))
         with Client(ep, timeout=60) as client:
@@ -138,6 +141,8 @@ def test_greedy_chats_equal_transformers(shape, model_dir, reference, tmp_path):
                                   "--chat", "What is the capital of France?", "--temperature", "0"],
                                  capture_output=True, text=True, timeout=120)
             assert out.returncode == 0 and "Paris" in out.stdout and "finish: stop" in out.stderr
+    if shape == "colocated":
+        assert "decode graphs for batch buckets" in (tmp_path / "serve.log").read_text()
     for chat, prompt, want, got in zip(CHATS, reference["prompts"], reference["outputs"], results):
         assert got.token_ids == want, chat
         assert got.num_prompt_tokens == len(prompt)
