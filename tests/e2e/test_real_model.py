@@ -40,8 +40,7 @@ CHATS = [
 SHAPES = {  # one server each; the first serves the default model with no --model at all
     "colocated": ["--mode", "colocated"],  # compiled decode graphs (the others run eager)
     "1p1d-shm": ["--kv-transport", "shm"],
-    "1p1d-zmq": ["--kv-transport", "zmq"],
-    "2p2d": ["--prefill", "2", "--decode", "2"],
+    "2p2d-zmq": ["--prefill", "2", "--decode", "2", "--kv-transport", "zmq"],
     "tp3": ["--mode", "colocated", "--tp", "3"],  # 9 heads and 3 kv heads over 3 ranks
 }
 
