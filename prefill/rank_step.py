@@ -66,6 +66,10 @@ def run_prefill_plan(runner: ModelRunner, transfers: RankTransfers, plan: StepPl
     future}}``: ``failed`` lists transfers that could not begin (the decode side has been told),
     ``started`` the futures of the transfers this step began (rank 0 watches them).
     """
+    if not transfers.sender.is_alive():
+        # Crash = exit on every rank: this rank's KV would never leave. On ranks 1..K-1 the
+        # rank's process ends here and rank 0 sees a dead TP rank; rank 0's health says it too.
+        raise RuntimeError(f"the KV sender thread of TP rank {transfers.sender.rank} stopped")
     for transfer_id in plan.aborts:
         transfer = transfers.active.pop(transfer_id, None)
         if transfer is not None:

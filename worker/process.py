@@ -115,6 +115,20 @@ async def _serve(worker, opts: WorkerOptions) -> None:
         exc = task.exception()
         if not isinstance(exc, WorkerCrashed):
             log.error("%s failed", running[task], exc_info=exc)
+            cause = await _health_cause(worker)
+            if cause is not None:  # e.g. a collective broken by a TP rank that died first
+                raise WorkerCrashed(cause)
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WorkerCrashed(f"{running[task]} failed: {reason}" if not isinstance(exc, WorkerCrashed)
                             else reason)
+
+
+async def _health_cause(worker, within_s: float = 1.0) -> str | None:
+    """The health reason (a dead TP rank, a stopped thread) that may explain a failure, given
+    ``within_s`` to show: a rank's process is reaped a moment after its sockets close."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        reason = worker.health()
+        if reason is not None or asyncio.get_running_loop().time() >= deadline:
+            return reason
+        await asyncio.sleep(0.05)

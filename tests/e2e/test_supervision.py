@@ -169,24 +169,42 @@ def test_stuck_tp_rank_and_a_worker_failing_at_start(tiny_model, caplog):
 INJECT_DIR = os.path.join(os.path.dirname(__file__), "inject")
 
 
-def test_a_dead_kv_receiver_thread_on_tp_rank_1_ends_its_worker(tiny_model, tmp_path):
-    """Rank 1 of a TP-2 decode worker loses its KV receiver thread (injected: it raises): rank 0
-    hears of it from the coordinator, reports itself unhealthy and exits with one line saying
-    which rank and why; the other decode worker goes on serving."""
-    trigger = tmp_path / "break-the-receiver"
+def test_dead_kv_threads_on_tp_rank_1_end_their_workers(tiny_model, tmp_path):
+    """Rank 1 of a TP-2 decode worker loses its KV receiver thread, and rank 1 of a TP-2
+    prefill worker its KV sender thread (injected: they raise). The decode worker's rank 0
+    hears of it from the coordinator and exits with one line saying which rank and why; the
+    prefill rank ends at its next step, so its worker exits for a dead TP rank. The TP-1
+    workers go on serving, and the prefill worker's requests fail over to them."""
+    receiver_trigger, sender_trigger = tmp_path / "break-the-receiver", tmp_path / "break-the-sender"
     env = {"PYTHONPATH": os.pathsep.join([INJECT_DIR, os.environ.get("PYTHONPATH", "")]),
-           "PDSERVE_TEST_RECEIVER_FAIL": f"1:{trigger}"}
+           "PDSERVE_TEST_RECEIVER_FAIL": f"1:{receiver_trigger}",
+           "PDSERVE_TEST_SENDER_FAIL": f"1:{sender_trigger}"}
     with LocalCluster(str(tiny_model), mode="disagg", num_prefill=1, num_decode=1, num_kv_blocks=128,
                       env=env) as cluster:
         cluster.start_worker("decode", "decode-tp2", extra_args=("--tp", "2"))
-        cluster.wait_for_workers(3, 120)
-        (tp2,) = [w for w in cluster.worker_processes() if w.worker_id == "decode-tp2"]
-        trigger.touch()
-        assert tp2.proc.wait(60) == 1
+        cluster.start_worker("prefill", "prefill-tp2", extra_args=("--tp", "2"))
+        cluster.wait_for_workers(4, 120)
+        procs = {w.worker_id: w for w in cluster.worker_processes()}
+        receiver_trigger.touch()
+        assert procs["decode-tp2"].proc.wait(60) == 1
         line = "pdserve worker decode-tp2 exits: the KV receiver thread of TP rank 1 stopped: " \
                "RuntimeError: injected receiver failure"
-        assert line in tp2.log_tail(40)
+        assert line in procs["decode-tp2"].log_tail(40)
+        sender_trigger.touch()
+        time.sleep(0.3)  # the sender thread polls for the trigger every 50 ms
+
+        async def requests():
+            async with AsyncClient(cluster.endpoint, timeout=120) as client:
+                return await asyncio.gather(*(client.complete(prompt_token_ids=[5, 6, i], max_tokens=4,
+                                                              ignore_eos=True) for i in range(4)))
+        results = asyncio.run(requests())  # the least-loaded rule puts some on prefill-tp2
+        assert [len(r.token_ids) for r in results] == [4] * 4
+        assert procs["prefill-tp2"].proc.wait(60) == 1
+        tail = procs["prefill-tp2"].log_tail(80)
+        assert "RuntimeError: the KV sender thread of TP rank 1 stopped" in tail
+        assert "pdserve worker prefill-tp2 exits: TP rank(s) [1] exited" in tail
         with Client(cluster.endpoint, timeout=60) as client:
-            (dead,) = [w for w in client.status()["workers"] if w["id"] == "decode-tp2"]
-            assert not dead["alive"]
-            assert len(client.complete(prompt_token_ids=[5, 6, 7], max_tokens=4, ignore_eos=True).token_ids) == 4
+            status = client.status()
+            assert {w["id"] for w in status["workers"] if not w["alive"]} == {"decode-tp2", "prefill-tp2"}
+            assert status["router"]["failovers"] > 0
+            wait_all_blocks_free(client)
