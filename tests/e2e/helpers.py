@@ -31,11 +31,13 @@ def greedy_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int 
     outputs = []
     with torch.no_grad(), single_thread():
         for prompt, length in zip(prompts, lengths):
-            ids, out = list(prompt), []
-            for _ in range(length):
-                token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out, past, feed = [], None, torch.tensor([list(prompt)])
+            for _ in range(length):  # transformers' own KV cache, as its generate() runs
+                step = model(feed, past_key_values=past, use_cache=True)
+                past = step.past_key_values
+                token = int(step.logits[0, -1].argmax())
                 out.append(token)
-                ids.append(token)
+                feed = torch.tensor([[token]])
                 if token in stop_ids:
                     break
             outputs.append(out)
