@@ -14,6 +14,7 @@ coordinator's ``open`` or ``close`` explains it, or dropped after ``park_timeout
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -171,23 +172,13 @@ class KVReceiver:
                 logger.exception("KV receiver rank %d stopped", self.rank)
                 why = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
             if not self._stop.is_set():
-                self._tell_stopped(why)
+                # Ending unasked: on ranks > 0 nothing else would notice before the rank's process
+                # exits (rank 0 reports it in the heartbeat's ``health`` and the worker exits).
+                # A few tries only: the coordinator may be gone too.
+                with contextlib.suppress(zmq.ZMQError):
+                    self._report("rank_stopped", tries=20, rank=self.rank, reason=why)
         self._data.close()
         self._ctrl.close()
-
-    def _tell_stopped(self, why: str) -> None:
-        """Tell rank 0's coordinator that this thread ends unasked: on ranks > 0 nothing else
-        would notice until the rank's process exits (rank 0 reports it in the heartbeat's
-        ``health`` and the worker exits). A few tries: the coordinator may be gone too."""
-        message = pack("rank_stopped", rank=self.rank, reason=why)
-        for _ in range(20):
-            try:
-                self._ctrl.send(message)
-                return
-            except zmq.Again:
-                continue
-            except zmq.ZMQError:
-                return
 
     def _loop(self) -> None:
         with_data, control_only = zmq.Poller(), zmq.Poller()
@@ -215,14 +206,16 @@ class KVReceiver:
                     identity, *parts = self._data.recv_multipart(copy=False)
                     self._on_sender(identity.bytes, parts)
 
-    def _report(self, kind: str, **fields) -> None:
+    def _report(self, kind: str, tries: int | None = None, **fields) -> None:
+        """Send to the coordinator; while it is slow, wait (backpressure) unless closing or
+        ``tries`` sends failed."""
         message = pack(kind, **fields)
-        while not self._stop.is_set():
+        while not self._stop.is_set() and tries != 0:
             try:
                 self._ctrl.send(message)
                 return
-            except zmq.Again:  # the coordinator is slow: wait (backpressure), unless closing
-                continue
+            except zmq.Again:
+                tries = None if tries is None else tries - 1
 
     # -- coordinator messages ------------------------------------------------------------
     def _on_control(self, data: bytes) -> None:

@@ -4,14 +4,12 @@ Single-threaded (the router's event loop). Messages leave through an ``Outbox`` 
 sockets). Invariants:
 - a request is in ``waiting`` iff its state is QUEUED; ``requests`` holds every live request,
   ``attempts`` every one placed on workers (by its current ``transfer_id``, the workers' rid);
-- a worker's ``reserved_blocks`` / ``outstanding_tokens`` are the sums of ``num_blocks`` /
-  ``prefill_tokens`` of the live requests counted against it (released exactly once);
+- a worker's load counters sum its live requests' (router/placement.py, released exactly once);
 - every worker that may hold state for a request (``decode_holds`` / ``prefill_holds``) gets a
   ``Free`` when the request ends or moves on, unless the worker itself reported the end;
 - tokens reach the client in output order exactly once: decode tokens count only after the
   current attempt's ``Started`` and are held until its first token arrives;
-- a Generate whose text prompt is being tokenized off the loop is in ``tokenizer`` (keyed by
-  client and client rid; router/tokenizing.py) and nowhere else; it counts toward the queue bound.
+- a Generate being tokenized off the loop is only in ``tokenizer``; it counts toward the queue bound.
 
 Dispatch: queued requests start in order, but one that does not fit now is passed over for
 later ones that do, unless it has waited ``max_head_wait_s`` (then the queue holds for it, so a
@@ -96,9 +94,8 @@ class RequestScheduler:
 
     def _tokenized(self, job: TokenizeJob, encoded: list[int] | Exception) -> None:
         if isinstance(encoded, Exception):
-            message = str(encoded) if isinstance(encoded, InvalidRequest) else \
-                f"the prompt could not be tokenized: {encoded}"
-            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID, message))
+            why = encoded if isinstance(encoded, InvalidRequest) else f"the prompt could not be tokenized: {encoded}"
+            self._reject(job.client, Rejected(job.msg.rid, P.ERR_INVALID, str(why)))
             return
         try:
             req = self.admission.admit(job.client, job.msg, self.model, len(self.waiting) + len(self.tokenizer),
