@@ -133,11 +133,12 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                run_layer=None) -> torch.Tensor:
+                run_layers=None) -> torch.Tensor:
         """input_ids, positions ``[T]`` -> final hidden states ``[T, hidden]``.
 
-        ``run_layer(layer, x, residual, cos, sin)``, when given, runs each decoder layer
-        instead of calling it (a compiled function: every layer has the same graph).
+        ``run_layers(layers, x, residual, cos, sin) -> (x, residual)``, when given, runs the
+        decoder layers instead of calling them one by one (compiled graphs, see
+        ``models.compiled``).
 
         Attention goes to the bound ``StepAttention``, which writes each layer's K/V into
         its pool and then calls its ``on_layer_done(layer)``. On CUDA the write is queued on
@@ -147,8 +148,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         # A zero residual (x + 0 == x exactly) keeps the first layer's graph like the others.
         residual = torch.zeros_like(x)
-        for layer in self.model.layers:
-            x, residual = (run_layer or _call_layer)(layer, x, residual, cos, sin)
+        x, residual = (run_layers or run_decoder_layers)(self.model.layers, x, residual, cos, sin)
         x, _ = self.model.norm(x, residual)
         return x
 
@@ -157,5 +157,8 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
 
-def _call_layer(layer: LlamaDecoderLayer, x, residual, cos, sin):
-    return layer(x, residual, cos, sin)
+def run_decoder_layers(layers, x, residual, cos, sin):
+    """Run ``layers`` in order; returns the last one's ``(x, residual)``."""
+    for layer in layers:
+        x, residual = layer(x, residual, cos, sin)
+    return x, residual

@@ -4,7 +4,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from models.batch import SequenceChunk
-from models.compiled import check_buckets
+import models.compiled
+from models.compiled import check_buckets, layers_per_graph
 from models.runner import ModelRunner
 from models.sampler import SamplingParams
 from tests.tiny_models import make_tiny_checkpoint, single_thread
@@ -79,3 +80,31 @@ def test_padded_rows_write_no_kv_and_leave_real_rows_alone(model_dir):
 def test_bad_buckets_are_refused(bad):
     with pytest.raises(ValueError, match="compile buckets"):
         check_buckets(bad)
+
+
+@pytest.mark.parametrize("num_layers,most,want", [(30, 16, 15), (30, 10, 10), (24, 16, 12),
+                                                 (22, 10, 2), (31, 16, 1), (1, 16, 1), (2, 16, 2)])
+def test_layers_split_into_equal_groups(num_layers, most, want):
+    assert layers_per_graph(num_layers, most) == want
+
+
+def test_groups_of_layers_share_one_graph_per_bucket(tmp_path, monkeypatch):
+    """Six layers in three groups of two: each bucket compiles once, not once per group, and
+    the tokens equal eager's."""
+    six = make_tiny_checkpoint(tmp_path / "six-layers", "llama", num_layers=6, num_kv_heads=2,
+                               seed=12)
+    monkeypatch.setattr(models.compiled, "MAX_LAYERS_PER_GRAPH", 2)
+    with single_thread():
+        before = counters["stats"]["unique_graphs"]
+        compiled = ModelRunner(six, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS,
+                               enforce_eager=False, compile_buckets=(1, 2))
+        assert [len(group) for group in compiled.decoder.groups] == [2, 2, 2]
+        assert [layer for group in compiled.decoder.groups for layer in group] == \
+            list(compiled.model.model.layers)
+        eager = ModelRunner(six, block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+        for num_seqs in (1, 2, 3):
+            assert decode_all(compiled, num_seqs, 5, seed=num_seqs) == \
+                decode_all(eager, num_seqs, 5, seed=num_seqs), num_seqs
+        assert counters["stats"]["unique_graphs"] - before == 2
+        compiled.close()
+        eager.close()
