@@ -1,13 +1,13 @@
 """Decode steps of the real model, several engine configurations interleaved step by step.
 
     python -m bench.decode_step [--batch 1] [--context 256] [--threads 1] [--steps 100]
-        [--configs eager,layers:1,layers:16] [--dtype float32] [--json out.json]
+        [--configs eager,layers:1,layers:8] [--dtype float32] [--json out.json]
 
 Each configuration is a ``ModelRunner`` on SmolLM2-135M-Instruct (``bench/real_model.py``):
 ``eager`` runs without compiled graphs, ``layers:K`` compiles decode graphs of up to ``K``
 layers each (``models.compiled.MAX_LAYERS_PER_GRAPH``; ``layers:1`` is one call per layer,
-``layers:16`` two calls of 15 for this model). All prefill the same ``--batch`` random prompts
-of ``--context`` tokens, then decode greedily; the configurations take turns one step at a time,
+``layers:8``, the default, five calls of 6 for this model, ``layers:16`` two calls of 15). All
+prefill the same ``--batch`` random prompts of ``--context`` tokens, then decode greedily; the configurations take turns one step at a time,
 so a shift in the machine's load hits all of them alike. Per configuration: the median and 10th
 percentile step wall time, and the share of it spent in attention (``StepAttention.attend``:
 the pool write, the K/V gather and SDPA of every layer). Tokens are checked equal across
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=256, help="prompt tokens per sequence")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=100, help="decode steps per configuration")
-    parser.add_argument("--configs", default="eager,layers:1,layers:16")
+    parser.add_argument("--configs", default="eager,layers:1,layers:8")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)

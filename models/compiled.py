@@ -33,10 +33,11 @@ log = logging.getLogger("pdserve.compile")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # Layers one graph runs. Each call into a graph costs about 0.2 ms of guards and wrappers on
-# CPU (SmolLM2 at batch 1: 60.8 ms a step in 2 calls, 67.5 ms in 30; bench/decode_step.py); a
-# graph of many layers pays it once for all of them, at a compile time that grows by well under
-# a second per layer (a batch bucket of SmolLM2: 24 s cold for 15 layers, 14 s for one).
-MAX_LAYERS_PER_GRAPH = 16
+# CPU, while tracing a bigger graph costs start-up time even when Inductor's cache has its code.
+# SmolLM2 (30 layers) at batch 1, one thread (bench/decode_step.py, interleaved): 71.7 ms a step
+# in 30 calls, 66.7 ms in 5 calls of 6, 65.9 ms in 2 calls of 15; all six buckets ready in 7.4 s
+# (cached) / 9.4-10.9 s / 14.6 s, and compiled cold in 33 s for 6 layers, 63 s for 15.
+MAX_LAYERS_PER_GRAPH = 8
 CACHE_ENV = "PDSERVE_CACHE"
 
 
