@@ -35,8 +35,8 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # Layers one graph runs. Each call into a graph costs about 0.2 ms of guards and wrappers on
 # CPU, while tracing a bigger graph costs start-up time even when Inductor's cache has its code.
 # SmolLM2 (30 layers) at batch 1, one thread (bench/decode_step.py, interleaved): 71.7 ms a step
-# in 30 calls, 66.7 ms in 5 calls of 6, 65.9 ms in 2 calls of 15; all six buckets ready in 7.4 s
-# (cached) / 9.4-10.9 s / 14.6 s, and compiled cold in 33 s for 6 layers, 63 s for 15.
+# in 30 calls, 66.7 ms in 5 calls of 6, 65.9 ms in 2 calls of 15; the six buckets' graphs ready
+# from the cache in 7.4 s, 7.6-10.9 s and 14.6 s, compiled cold in 33 s for 6 layers, 63 s for 15.
 MAX_LAYERS_PER_GRAPH = 8
 CACHE_ENV = "PDSERVE_CACHE"
 
