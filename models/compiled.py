@@ -33,10 +33,11 @@ log = logging.getLogger("pdserve.compile")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 # Layers one graph runs. Each call into a graph costs about 0.2 ms of guards and wrappers on
-# CPU, while tracing a bigger graph costs start-up time even when Inductor's cache has its code.
-# SmolLM2 (30 layers) at batch 1, one thread (bench/decode_step.py, interleaved): 71.7 ms a step
-# in 30 calls, 66.7 ms in 5 calls of 6, 65.9 ms in 2 calls of 15; the six buckets' graphs ready
-# from the cache in 7.4 s, 7.6-10.9 s and 14.6 s, compiled cold in 33 s for 6 layers, 63 s for 15.
+# CPU, while a bigger graph takes longer to compile, and to trace again at every start even when
+# Inductor's cache has its code. SmolLM2 (30 layers), one thread (bench/decode_step.py,
+# interleaved): a batch-1 step takes 65.0 ms in 30 calls, 60.4 ms in 5 calls of 6, 60.0 ms in 2
+# calls of 15; the six buckets' graphs compile from an empty cache in 41 s, 58 s and 68 s, and
+# load from the cache in 5-7 s, 8-11 s and 15 s.
 MAX_LAYERS_PER_GRAPH = 8
 CACHE_ENV = "PDSERVE_CACHE"
 
