@@ -8,48 +8,53 @@ thread after the worker registered.
 ``PDSERVE_TEST_SENDER_FAIL=RANK:PATH``: the same for the KV sender thread of a prefill TP rank.
 """
 import os
+import queue
+import time
 
-_spec = os.environ.get("PDSERVE_TEST_RECEIVER_FAIL")
-if _spec:
-    import time
 
-    from kvtransfer import receiver as _receiver
+def _inject(env: str, cls, name: str, failing) -> None:
+    """When ``env`` is ``RANK:PATH``, replace ``cls.name`` on rank RANK by
+    ``failing(self, path, original)``; other ranks keep the original."""
+    spec = os.environ.get(env)
+    if not spec:
+        return
+    rank, path = spec.split(":", 1)
+    original = getattr(cls, name)
 
-    _rank, _path = _spec.split(":", 1)
-    _original = _receiver.KVReceiver._loop
+    def method(self):
+        if self.rank != int(rank):
+            return original(self)
+        return failing(self, path, original)
 
-    def _loop(self):
-        if self.rank != int(_rank):
-            return _original(self)
-        while not self._stop.is_set():
-            if os.path.exists(_path):
-                raise RuntimeError("injected receiver failure")
-            time.sleep(0.05)
+    setattr(cls, name, method)
 
-    _receiver.KVReceiver._loop = _loop
 
-_spec = os.environ.get("PDSERVE_TEST_SENDER_FAIL")
-if _spec:
-    import queue as _queue
+def _failing_receiver_loop(self, path, original):
+    while not self._stop.is_set():
+        if os.path.exists(path):
+            raise RuntimeError("injected receiver failure")
+        time.sleep(0.05)
 
-    from kvtransfer import sender as _sender
 
-    _sender_rank, _sender_path = _spec.split(":", 1)
-    _original_run = _sender.KVSender._run
+def _failing_sender_run(self, path, original):
+    while True:
+        if os.path.exists(path):
+            raise RuntimeError("injected sender failure")
+        try:
+            job = self._jobs.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if job[0] == "stop":
+            return
+        self._jobs.put(job)  # not this thread's to run: the real loop would take it
+        return original(self)
 
-    def _run(self):
-        if self.rank != int(_sender_rank):
-            return _original_run(self)
-        while True:
-            if os.path.exists(_sender_path):
-                raise RuntimeError("injected sender failure")
-            try:
-                job = self._jobs.get(timeout=0.05)
-            except _queue.Empty:
-                continue
-            if job[0] == "stop":
-                return
-            self._jobs.put(job)  # not this thread's to run: the real loop would take it
-            return _original_run(self)
 
-    _sender.KVSender._run = _run
+if os.environ.get("PDSERVE_TEST_RECEIVER_FAIL"):
+    from kvtransfer.receiver import KVReceiver
+
+    _inject("PDSERVE_TEST_RECEIVER_FAIL", KVReceiver, "_loop", _failing_receiver_loop)
+if os.environ.get("PDSERVE_TEST_SENDER_FAIL"):
+    from kvtransfer.sender import KVSender
+
+    _inject("PDSERVE_TEST_SENDER_FAIL", KVSender, "_run", _failing_sender_run)
