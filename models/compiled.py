@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from models.llama import run_decoder_layers
+
 log = logging.getLogger("pdserve.compile")
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
@@ -92,8 +94,8 @@ class CompiledDecoder:
         dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, limit)
         # Dynamo caches graphs per code object: a code object of its own per decoder keeps
         # the graphs of two runners in one process (tests, benchmarks) from sharing a cache.
-        code = _run_group.__code__.replace(co_name=f"_run_group_{id(self):x}")
-        self.group_fn = types.FunctionType(code, _run_group.__globals__, code.co_name)
+        code = run_decoder_layers.__code__.replace(co_name=f"_run_group_{id(self):x}")
+        self.group_fn = types.FunctionType(code, run_decoder_layers.__globals__, code.co_name)
         self._run_group = torch.compile(self.group_fn, dynamic=False, fullgraph=True)
         layers = tuple(model.model.layers)
         size = layers_per_graph(len(layers), MAX_LAYERS_PER_GRAPH)
@@ -138,9 +140,3 @@ class CompiledDecoder:
 def layers_per_graph(num_layers: int, most: int) -> int:
     """The largest divisor of ``num_layers`` up to ``most``: equal groups share one graph."""
     return max(d for d in range(1, min(num_layers, most) + 1) if num_layers % d == 0)
-
-
-def _run_group(layers, x, residual, cos, sin):
-    for layer in layers:
-        x, residual = layer(x, residual, cos, sin)
-    return x, residual
