@@ -30,6 +30,7 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_
 # Names a message's reasoning is passed under; templates read the first (transformers aliases).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 MAX_TEMPLATE_BYTES = 1 << 20
+MAX_NESTING = 32  # lists and objects in a message or a template argument
 
 
 class ChatTemplateError(ValueError):
@@ -106,14 +107,17 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-def _plain(value: Any, where: str) -> Any:
-    """``value`` rebuilt from plain JSON types (nothing with methods reaches the sandbox)."""
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
+    """``value`` rebuilt from plain JSON types (nothing with methods reaches the sandbox),
+    nested at most MAX_NESTING deep (deeper would exhaust the stack here or in the template)."""
     if value is None or type(value) in (str, int, float, bool):
         return value
+    if depth >= MAX_NESTING:
+        raise ChatTemplateError(f"{where} nests lists and objects more than {MAX_NESTING} deep")
     if isinstance(value, dict):
-        return {_plain(k, where): _plain(v, where) for k, v in value.items()}
+        return {_plain(k, where, depth + 1): _plain(v, where, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, where) for v in value]
+        return [_plain(v, where, depth + 1) for v in value]
     raise ChatTemplateError(f"{where} holds a {type(value).__name__}; only JSON values are allowed")
 
 

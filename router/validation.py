@@ -196,6 +196,10 @@ def _params(raw, model: ModelInfo) -> tuple[RequestOptions, tuple[str, ...]]:
         options.check_vocab(model.vocab_size)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
+    if options.top_k >= model.vocab_size:
+        # Keeping at least every token is no filter: top_k off, as the sampler reads it. Any
+        # integer is accepted, and a JSON one past 64 bits could not be sent to a worker.
+        options = dataclasses.replace(options, top_k=0)
     return options, _stop_strings(raw.get("stop"), model)
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import logging
 from importlib.metadata import PackageNotFoundError, version
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -26,6 +27,8 @@ from router.http.openai_schema import (CompletionRequest, Prompt, check_model, p
 from router.http.responses import ResponseWriter
 from router.validation import MAX_CHARS_PER_TOKEN, messages_chars
 
+log = logging.getLogger("pdserve.http")
+MODEL_UNKNOWN = "no worker has registered yet, so the model is unknown; retry shortly"
 try:
     VERSION = version("pdserve")
 except PackageNotFoundError:
@@ -34,24 +37,41 @@ except PackageNotFoundError:
 
 # -- helpers ------------------------------------------------------------------------------------
 async def read_json(request: Request) -> dict:
-    """The body as a JSON object, refusing bodies over the limit with 413 (never reading them)."""
-    limit = request.app.state.gateway.config.max_body_bytes
+    """The body as a JSON object, refusing bodies over the limit with 413 (never reading them)
+    and bodies not sent within the body timeout with 408."""
+    config = request.app.state.gateway.config
+    limit = config.max_body_bytes
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise APIError(413, f"the request body is larger than the {limit}-byte limit")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise APIError(413, f"the request body is larger than the {limit}-byte limit")
+    try:
+        async with asyncio.timeout(config.body_timeout_s):
+            async for part in request.stream():
+                body += part
+                if len(body) > limit:
+                    raise APIError(413, f"the request body is larger than the {limit}-byte limit")
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s; "
+                            "send it whole") from None
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected before sending the whole body") from None
     return parse_json(bytes(body))
 
 
 def served_model(gateway) -> str:
     name = gateway.model_name()
     if name is None:
-        raise APIError(503, "no worker has registered yet, so the model is unknown; retry shortly")
+        raise APIError(503, MODEL_UNKNOWN)
     return name
+
+
+def loaded_model(gateway):
+    """The served model (``router.model_info.ModelInfo``): 503 until a worker has registered
+    (the name alone may be known sooner, from --served-model-name)."""
+    if gateway.model is None:
+        raise APIError(503, MODEL_UNKNOWN)
+    return gateway.model
 
 
 def token_text_fn(gateway):
@@ -64,11 +84,11 @@ def token_text_fn(gateway):
 async def chat_prompt_ids(gateway, messages: list, add_generation_prompt: bool, kwargs: dict) -> list[int]:
     """Render ``messages`` with the model's chat template and tokenize (the template writes
     the special tokens itself); a large chat off the event loop. Raises APIError(400)."""
+    tokenizer = loaded_model(gateway).tokenizer
     try:
         template = gateway.chat_template()
     except ChatTemplateError as exc:
         raise APIError(500, f"the server's chat template cannot be used: {exc}") from None
-    tokenizer = gateway.model.tokenizer if gateway.model is not None else None
     if template is None:
         raise invalid("this model has no chat template; use /v1/completions, or start the server "
                       "with --chat-template FILE", "messages")
@@ -249,8 +269,7 @@ async def tokenize(request: Request) -> Response:
     gateway = request.app.state.gateway
     data = await read_json(request)
     check_model(data.get("model"), served_model(gateway))
-    tokenizer = gateway.model.tokenizer
-    if tokenizer is None:
+    if loaded_model(gateway).tokenizer is None:
         raise invalid("this model has no tokenizer")
     if "messages" in data:
         req = parse_completion({**data, "stream": False}, chat=True)
@@ -269,14 +288,15 @@ async def detokenize(request: Request) -> Response:
     gateway = request.app.state.gateway
     data = await read_json(request)
     check_model(data.get("model"), served_model(gateway))
+    model = loaded_model(gateway)
     tokens = data.get("tokens")
-    vocab = gateway.model.vocab_size
+    vocab = model.vocab_size
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                and 0 <= t < vocab for t in tokens):
         raise invalid(f"tokens must be a list of token ids in [0, {vocab})", "tokens")
-    if gateway.model.tokenizer is None:
+    if model.tokenizer is None:
         raise invalid("this model has no tokenizer")
-    return JSONResponse({"prompt": gateway.model.tokenizer.decode(tokens)})
+    return JSONResponse({"prompt": model.tokenizer.decode(tokens)})
 
 
 # -- errors and the app -------------------------------------------------------------------------
@@ -293,10 +313,25 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
-    import logging
-
-    logging.getLogger("pdserve.http").exception("unhandled error on %s", request.url.path)
+    log.exception("unhandled error on %s", request.url.path)
     return _error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+
+
+def _answering(endpoint):
+    """``endpoint`` with an unexpected error answered as APIError(500). Left to Starlette, the
+    error would be answered and then re-raised to uvicorn, which closes the connection after the
+    500 without saying so, under a client that may already be sending its next request on it."""
+    @functools.wraps(endpoint)
+    async def route(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except (APIError, HTTPException):
+            raise
+        except Exception as exc:
+            log.exception("unhandled error on %s", request.url.path)
+            raise APIError(500, f"internal error: {type(exc).__name__}") from None
+
+    return route
 
 
 class _Front:
@@ -324,16 +359,15 @@ class _Front:
 
 def build_app(gateway) -> Starlette:
     """The ASGI app for ``gateway`` (router/http/gateway.py)."""
-    routes = [
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/version", version_route, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/detokenize", detokenize, methods=["POST"]),
-    ]
+    routes = [Route(path, _answering(endpoint), methods=[method]) for path, endpoint, method in (
+        ("/v1/completions", completions, "POST"),
+        ("/v1/chat/completions", chat_completions, "POST"),
+        ("/v1/models", models, "GET"),
+        ("/health", health, "GET"),
+        ("/version", version_route, "GET"),
+        ("/metrics", metrics, "GET"),
+        ("/tokenize", tokenize, "POST"),
+        ("/detokenize", detokenize, "POST"))]
     app = Starlette(routes=routes, exception_handlers={
         APIError: _api_error, HTTPException: _http_error, Exception: _internal_error})
     app.state.gateway = gateway

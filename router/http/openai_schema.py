@@ -10,6 +10,7 @@ penalties, logit_bias, ...) are refused with a 400 rather than silently ignored.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 from router.http.errors import APIError, invalid
@@ -17,6 +18,9 @@ from router.http.errors import APIError, invalid
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128           # prompts x n in one request
 SEED_LIMIT = 2**63
+# Template variables the gateway sets itself: top-level fields of the request.
+RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # Fields whose non-default value pdserve cannot honour: refused, never silently ignored.
 UNSUPPORTED = {"echo": (None, False), "suffix": (None,), "logit_bias": (None, {}),
@@ -74,6 +78,12 @@ def parse_json(body: bytes) -> dict:
         raise invalid("the body nests JSON too deeply") from None
     if not isinstance(data, dict):
         raise invalid(f"the body must be a JSON object, got {type(data).__name__}")
+    if _SURROGATE_ESCAPE.search(body):
+        try:  # JSON allows an escaped surrogate on its own: no text, and it cannot be encoded
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise invalid("the body holds an unpaired UTF-16 surrogate escape (\\ud800 to \\udfff), "
+                          "which is not text; send valid Unicode") from None
     return data
 
 
@@ -188,6 +198,11 @@ def parse_completion(data: dict, chat: bool) -> CompletionRequest:
     if options and not stream:
         raise invalid("stream_options is only allowed with stream: true", "stream_options")
     model = _get(data, "model", (str,), "a string")
+    template_kwargs = _get(data, "chat_template_kwargs", (dict,), "an object", {})
+    reserved = [name for name in RESERVED_TEMPLATE_KWARGS if name in template_kwargs]
+    if reserved:
+        raise invalid(f"chat_template_kwargs cannot set {', '.join(reserved)}; send it as a "
+                      "field of the request itself", "chat_template_kwargs")
     return CompletionRequest(
         chat=chat, model=model, prompts=prompts, messages=messages, n=n, max_tokens=max_tokens,
         temperature=data.get("temperature"), top_p=data.get("top_p"),
@@ -196,7 +211,7 @@ def parse_completion(data: dict, chat: bool) -> CompletionRequest:
         ignore_eos=_get(data, "ignore_eos", (bool,), "true or false", False),
         logprobs=logprobs, top_logprobs=top_logprobs, stream=stream, include_usage=include_usage,
         add_generation_prompt=_get(data, "add_generation_prompt", (bool,), "true or false", True),
-        chat_template_kwargs=_get(data, "chat_template_kwargs", (dict,), "an object", {}))
+        chat_template_kwargs=template_kwargs)
 
 
 def sampling_params(req: CompletionRequest, sample_index: int, max_model_len: int) -> dict:
@@ -221,7 +236,10 @@ def sampling_params(req: CompletionRequest, sample_index: int, max_model_len: in
 
 
 def check_model(requested: str | None, served: str) -> None:
-    """Raise APIError(404) if the client names another model than the served one."""
+    """Raise APIError(404) if the client names another model than the served one (400 if
+    ``model`` is not a string)."""
+    if requested is not None and not isinstance(requested, str):
+        raise invalid(f"model must be a string, got {json.dumps(requested)[:80]}", "model")
     if requested is not None and requested != served:
         raise APIError(404, f"The model `{requested}` does not exist; this server serves `{served}`",
                        "model")

@@ -1,0 +1,109 @@
+"""Hostile and odd input to the HTTP gateway, as outside clients send it: each case once made
+the server answer 500, close a connection without a word, hang, or stop serving everyone."""
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+
+import pytest
+
+from router.config import RouterConfig
+from router.http.config import HttpConfig
+from router.runtime import RouterThread
+from tests.router.http.conftest import MODEL_NAME
+from tests.router.http.test_errors import error_of
+
+httpx = pytest.importorskip("httpx2")
+pytestmark = pytest.mark.slow
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def empty():
+    """A router with no model and no worker yet, known only by --served-model-name, and a
+    short body timeout: the state of a gateway started before its workers."""
+    tmp = tempfile.mkdtemp(prefix="pdserve-adv-")
+    config = RouterConfig(frontend=f"ipc://{tmp}/c.ipc", backend=f"ipc://{tmp}/w.ipc")
+    thread = RouterThread(config, http=HttpConfig(port=0, served_model_name="m", body_timeout_s=0.5)).start()
+    yield thread
+    thread.stop()
+
+
+def exchange(url: str, data: bytes, timeout_s: float = 30.0) -> bytes:
+    """Send raw bytes and read until the server closes the connection."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_huge_top_k_is_off_and_the_server_keeps_serving(http_cluster):
+    """top_k past 64 bits once failed to pack for the worker and stayed at the head of the
+    queue, so every later request answered 500 until a restart."""
+    url = http_cluster.http_url + "/v1/completions"
+    body = {"prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    texts = []
+    for top_k in (10**20, 2**64 - 1, 0):
+        response = httpx.post(url, json={**body, "top_k": top_k}, timeout=60)
+        assert response.status_code == 200, response.text
+        texts.append(response.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] == texts[2]  # every top_k past the vocabulary keeps every token
+
+
+def test_unencodable_text_and_deep_nesting_are_400(http_cluster):
+    url = http_cluster.http_url
+    lone = b'{"prompt": "a\\ud800", "max_tokens": 2}'
+    for path, body in (("/v1/completions", lone),
+                       ("/v1/completions", b'{"prompt": "a", "model": "\\udc00"}'),
+                       ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}'),
+                       ("/tokenize", b'{"prompt": "\\ud800"}')):
+        assert "surrogate" in error_of(httpx.post(url + path, content=body, timeout=60), 400)["message"]
+    paired = httpx.post(url + "/tokenize", content='{"prompt": "\\ud83e\\udd16"}', timeout=60).json()
+    assert paired["tokens"][1:] == list("🤖".encode())  # byte-level tokenizer, after the bos
+    for kwargs in ({"messages": []}, {"add_generation_prompt": False}):
+        error = error_of(httpx.post(url + "/v1/chat/completions", json={
+            "messages": CHAT, "chat_template_kwargs": kwargs}, timeout=60), 400)
+        assert error["param"] == "chat_template_kwargs" and next(iter(kwargs)) in error["message"]
+    deep = json.loads("[" * 500 + "]" * 500)
+    for body in ({"messages": [{**CHAT[0], "name": deep}]}, {"messages": CHAT, "chat_template_kwargs": {"x": deep}}):
+        assert "deep" in error_of(httpx.post(url + "/v1/chat/completions", json=body, timeout=60), 400)["message"]
+    assert "model" in error_of(httpx.post(url + "/tokenize", json={"prompt": "x", "model": 5}), 400)["message"]
+    ok = httpx.post(url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_before_any_worker_tokenizing_is_503(empty):
+    url = empty.router.http_url
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]}),
+                       ("/v1/chat/completions", {"messages": CHAT})):
+        assert "no worker" in error_of(httpx.post(url + path, json=body, timeout=30), 503)["message"]
+
+
+def test_a_stalled_body_is_408(empty):
+    """A client that stops mid-body gets 408 once the body timeout passes, not a handler held
+    open for as long as it keeps the connection."""
+    head = b"POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nConnection: close\r\n\r\n"
+    reply = exchange(empty.router.http_url, head + b'{"prompt":')
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert b"did not arrive within 0.5 s" in reply
+
+
+def test_an_unexpected_error_is_500_and_the_connection_serves_on(empty, monkeypatch):
+    """A bug behind a route answers 500 in the error shape and keeps the connection: uvicorn
+    used to close it after the 500, unannounced, under a client already sending its next
+    request there (the openai SDK's connection pool does)."""
+    def broken():
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(empty.gateway, "missing_roles", broken)
+    one = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    replies = exchange(empty.router.http_url, one + last).split(b"HTTP/1.1 ")[1:]
+    assert len(replies) == 2 and replies[0].startswith(b"500 ") and replies[1].startswith(b"200 ")
+    error = json.loads(replies[0].split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == 500 and error["message"] == "internal error: RuntimeError"
