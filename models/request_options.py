@@ -35,7 +35,8 @@ def is_number(value) -> bool:
 
 def check_sampling(temperature, top_p, top_k, seed) -> None:
     """The ranges of the sampling options. Raises ValueError naming the field and its range."""
-    if not is_number(temperature) or not math.isfinite(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+    # The range alone refuses nan and inf; math.isfinite would overflow on a JSON int past 1e308.
+    if not is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
         raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
                          f"got {temperature!r}")
     if not is_number(top_p) or not 0 < top_p <= 1:

@@ -72,7 +72,7 @@ def parse_json(body: bytes) -> dict:
     """The request body as a JSON object. Raises APIError(400)."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # a JSONDecodeError, bad UTF-8, or an integer past 4300 digits
         raise invalid(f"the body is not valid JSON: {e}") from None
     except RecursionError:
         raise invalid("the body nests JSON too deeply") from None

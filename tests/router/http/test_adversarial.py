@@ -72,6 +72,10 @@ def test_unencodable_text_and_deep_nesting_are_400(http_cluster):
     for body in ({"messages": [{**CHAT[0], "name": deep}]}, {"messages": CHAT, "chat_template_kwargs": {"x": deep}}):
         assert "deep" in error_of(httpx.post(url + "/v1/chat/completions", json=body, timeout=60), 400)["message"]
     assert "model" in error_of(httpx.post(url + "/tokenize", json={"prompt": "x", "model": 5}), 400)["message"]
+    past_float = b'{"prompt": "x", "temperature": -1' + b"0" * 400 + b"}"  # an int no float holds
+    assert "temperature" in error_of(httpx.post(url + "/v1/completions", content=past_float), 400)["message"]
+    past_int = b'{"prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}"  # past Python's digit limit
+    assert "not valid JSON" in error_of(httpx.post(url + "/v1/completions", content=past_int), 400)["message"]
     ok = httpx.post(url + "/v1/chat/completions", json={"model": MODEL_NAME, "messages": CHAT, "max_tokens": 2},
                     timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
