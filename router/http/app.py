@@ -46,13 +46,13 @@ async def read_json(request: Request) -> dict:
         raise APIError(413, f"the request body is larger than the {limit}-byte limit")
     body = bytearray()
     try:
-        async with asyncio.timeout(config.body_timeout_s):
+        async with asyncio.timeout(config.read_timeout_s):
             async for part in request.stream():
                 body += part
                 if len(body) > limit:
                     raise APIError(413, f"the request body is larger than the {limit}-byte limit")
     except TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {config.body_timeout_s:g} s; "
+        raise APIError(408, f"the request body did not arrive within {config.read_timeout_s:g} s; "
                             "send it whole") from None
     except ClientDisconnect:
         raise APIError(400, "the client disconnected before sending the whole body") from None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 API_KEY_ENV = "PDSERVE_API_KEY"
 DEFAULT_PORT = 8000
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-DEFAULT_BODY_TIMEOUT_S = 30.0
+DEFAULT_READ_TIMEOUT_S = 30.0
 
 
 def is_loopback_host(host: str) -> bool:
@@ -29,8 +29,9 @@ class HttpConfig:
     as ``Authorization: Bearer KEY`` on every route but /health and /metrics; binding a
     non-loopback host requires one. ``served_model_name``: the ``model`` clients pass (default:
     the model directory's name). ``chat_template``: a Jinja file that overrides the model's.
-    ``body_timeout_s``: how long a client may take to send a request body (then 408), so that
-    a client that stalls mid-body does not hold its connection and handler forever.
+    ``read_timeout_s``: how long a client may take to send a request's headers (from connecting
+    or from the request's first byte; then the connection is closed) and then its body (then
+    408), so that clients that trickle bytes cannot hold connections and handlers forever.
     """
 
     host: str = "127.0.0.1"
@@ -39,7 +40,7 @@ class HttpConfig:
     served_model_name: str | None = None
     chat_template: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -58,8 +59,8 @@ class HttpConfig:
             raise ValueError(f"--chat-template {self.chat_template} is not a file")
         if not isinstance(self.max_body_bytes, int) or self.max_body_bytes < 1024:
             raise ValueError(f"max_body_bytes must be an integer >= 1024, got {self.max_body_bytes!r}")
-        if not isinstance(self.body_timeout_s, (int, float)) or not self.body_timeout_s > 0:
-            raise ValueError(f"body_timeout_s must be a positive number of seconds, got {self.body_timeout_s!r}")
+        if not isinstance(self.read_timeout_s, (int, float)) or not self.read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be a positive number of seconds, got {self.read_timeout_s!r}")
 
     def url(self, port: int | None = None) -> str:
         """The base URL clients use (``port``: the bound one, when 0 was asked for)."""

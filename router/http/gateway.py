@@ -19,10 +19,11 @@ from collections import deque
 from typing import Callable, TypeVar
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router import protocol as P
 from router.chat_template import ChatTemplate
-from router.http.config import HttpConfig
+from router.http.config import DEFAULT_READ_TIMEOUT_S, HttpConfig
 from router.http.errors import APIError
 from router.http.responses import Choice
 from router.tokenizing import TokenizerFull
@@ -140,7 +141,8 @@ class HttpGateway:
                              "choose another --port (0: any free one) or --no-http") from None
         sock.listen(2048)
         sock.setblocking(False)
-        uv_config = uvicorn.Config(build_app(self), loop="none", http="httptools", lifespan="off",
+        protocol = type("Protocol", (_Protocol,), {"read_timeout_s": self.config.read_timeout_s})
+        uv_config = uvicorn.Config(build_app(self), loop="none", http=protocol, lifespan="off",
                                    log_level="warning", access_log=False, server_header=False,
                                    timeout_graceful_shutdown=2, backlog=2048)
         self._server = _Server(uv_config)
@@ -252,6 +254,46 @@ class HttpGateway:
         if "both" in roles:
             return []
         return [r for r in ("prefill", "decode") if r not in roles]
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline on request headers: a connection that has
+    not sent a request's whole headers ``read_timeout_s`` after connecting, or after that
+    request's first byte, is closed. uvicorn itself bounds only the idle time between requests,
+    so a client that connects and trickles (or sends nothing) would hold its socket forever."""
+
+    read_timeout_s = DEFAULT_READ_TIMEOUT_S
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._deadline is None:
+            self._arm()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._expire)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            self.transport.close()
 
 
 class _Server(uvicorn.Server):

@@ -25,7 +25,7 @@ def empty():
     short body timeout: the state of a gateway started before its workers."""
     tmp = tempfile.mkdtemp(prefix="pdserve-adv-")
     config = RouterConfig(frontend=f"ipc://{tmp}/c.ipc", backend=f"ipc://{tmp}/w.ipc")
-    thread = RouterThread(config, http=HttpConfig(port=0, served_model_name="m", body_timeout_s=0.5)).start()
+    thread = RouterThread(config, http=HttpConfig(port=0, served_model_name="m", read_timeout_s=0.5)).start()
     yield thread
     thread.stop()
 
@@ -95,6 +95,18 @@ def test_a_stalled_body_is_408(empty):
     reply = exchange(empty.router.http_url, head + b'{"prompt":')
     assert reply.startswith(b"HTTP/1.1 408 "), reply
     assert b"did not arrive within 0.5 s" in reply
+
+
+def test_connections_that_trickle_headers_are_closed(empty):
+    """A connection that sends nothing, or a request's headers only in part, is closed after the
+    read timeout (uvicorn bounds only the idle time between requests); one that sends a whole
+    request meanwhile is served."""
+    host, port = empty.router.http_url.removeprefix("http://").split(":")
+    silent, partial = (socket.create_connection((host, int(port)), timeout=30) for _ in range(2))
+    with silent, partial:
+        partial.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert httpx.get(empty.router.http_url + "/version").status_code == 200
+        assert silent.recv(1) == b"" and partial.recv(1) == b""  # closed by the server
 
 
 def test_an_unexpected_error_is_500_and_the_connection_serves_on(empty, monkeypatch):
