@@ -2,17 +2,23 @@
 the server answer 500, close a connection without a word, hang, or stop serving everyone."""
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import socket
 import tempfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from router.client import Client
 from router.config import RouterConfig
 from router.http.config import HttpConfig
 from router.runtime import RouterThread
 from tests.router.http.conftest import MODEL_NAME
 from tests.router.http.test_errors import error_of
+from tests.router.http.test_metrics_and_disconnect import delta, scrape
 
 httpx = pytest.importorskip("httpx2")
 pytestmark = pytest.mark.slow
@@ -123,3 +129,65 @@ def test_an_unexpected_error_is_500_and_the_connection_serves_on(empty, monkeypa
     assert len(replies) == 2 and replies[0].startswith(b"500 ") and replies[1].startswith(b"200 ")
     error = json.loads(replies[0].split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == 500 and error["message"] == "internal error: RuntimeError"
+
+
+STREAM_TOKENS = 12
+_solo: dict[int, str] = {}
+
+
+def stream_body(i: int, stream: bool = True) -> dict:
+    rng = random.Random(i)
+    return {"prompt": [rng.randrange(1, 250) for _ in range(3 + i)], "max_tokens": STREAM_TOKENS,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+
+
+def solo_text(url: str, i: int) -> str:
+    if i not in _solo:
+        response = httpx.post(url + "/v1/completions", json=stream_body(i, stream=False), timeout=60)
+        _solo[i] = response.json()["choices"][0]["text"]
+    return _solo[i]
+
+
+async def read_stream(client, url: str, i: int, cut: int | None) -> str | None:
+    """The whole text of stream ``i``, or None once it left on the line after ``cut`` events
+    (0: on its first line)."""
+    text, num_events = "", 0
+    async with client.stream("POST", url + "/v1/completions", json=stream_body(i)) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if cut is not None and num_events >= cut:
+                return None
+            if line == "data: [DONE]":
+                return text
+            if line:
+                text += json.loads(line.removeprefix("data: "))["choices"][0]["text"]
+                num_events += 1
+    raise AssertionError("the stream ended without [DONE]")
+
+
+@settings(max_examples=4, deadline=None, derandomize=True)
+@given(cuts=st.lists(st.one_of(st.none(), st.integers(0, STREAM_TOKENS - 2)), min_size=2, max_size=8))
+def test_streams_cut_at_random_points_leave_the_others_exact(http_cluster, cuts):
+    """Concurrent streams, some left at random points: the others get exactly their solo
+    greedy text, nothing stays running or holds KV, and every request is counted once."""
+    from tests.e2e.helpers import wait_all_blocks_free
+
+    url = http_cluster.http_url
+    expected = [solo_text(url, i) for i in range(len(cuts))]
+    before = scrape(url)
+
+    async def run() -> list:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(read_stream(client, url, i, cut) for i, cut in enumerate(cuts)))
+
+    texts = asyncio.run(run())
+    assert [t for t in texts if t is not None] == [e for e, t in zip(expected, texts) if t is not None]
+    with Client(http_cluster.endpoint, timeout=60) as zmq:
+        wait_all_blocks_free(zmq)
+        assert zmq.status()["router"]["active"] == 0
+    after = scrape(url)
+    finished = {reason: delta(before, after, "pdserve:request_success_total", finished_reason=reason)
+                for reason in ("length", "abort")}
+    # A stream left after its last token may have finished before its client was seen to go.
+    assert sum(finished.values()) == len(cuts) and finished["abort"] <= texts.count(None)
+    assert after[("pdserve:num_requests_running", frozenset())] == 0
