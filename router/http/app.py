@@ -96,11 +96,16 @@ async def chat_prompt_ids(gateway, messages: list, add_generation_prompt: bool, 
         raise invalid("this model has no tokenizer, so chat messages cannot be encoded; use "
                       "/v1/completions with token ids", "messages")
 
+    max_len = gateway.max_model_len() or 1
+
     def encode() -> list[int]:
         try:
             text = template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         except ChatTemplateError as exc:
             raise invalid(str(exc), "messages") from None
+        if len(text) > MAX_CHARS_PER_TOKEN * max_len:  # never worth tokenizing
+            raise invalid(f"the chat has {len(text)} characters, far more than the max model length "
+                          f"of {max_len} tokens; shorten the chat", "messages")
         return tokenizer.encode(text, add_special_tokens=False)
 
     if messages_chars(messages) > INLINE_PROMPT_CHARS:

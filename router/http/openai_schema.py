@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from router.http.errors import APIError, invalid
+from router.validation import MAX_MESSAGES
 
 MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128           # prompts x n in one request
@@ -158,6 +159,8 @@ def _message_content(content, i: int):
 def _messages(value) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise invalid("messages must be a non-empty list of {role, content} objects", "messages")
+    if len(value) > MAX_MESSAGES:
+        raise invalid(f"a chat may hold at most {MAX_MESSAGES} messages, got {len(value)}", "messages")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):

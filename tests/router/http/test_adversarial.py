@@ -87,6 +87,18 @@ def test_unencodable_text_and_deep_nesting_are_400(http_cluster):
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
 
 
+def test_chats_past_the_bounds_are_refused_before_tokenizing(http_cluster):
+    """The bounds a ZMQ client's chat has (messages, characters per token of the max model
+    length) hold over HTTP too: a 13 MB chat once held the tokenizer thread for seconds."""
+    from router.validation import MAX_CHARS_PER_TOKEN, MAX_MESSAGES
+
+    url = http_cluster.http_url + "/v1/chat/completions"
+    many = error_of(httpx.post(url, json={"messages": CHAT * (MAX_MESSAGES + 1)}, timeout=60), 400)
+    assert f"at most {MAX_MESSAGES} messages" in many["message"]
+    long = [{"role": "user", "content": "a" * (MAX_CHARS_PER_TOKEN * 512)}]  # tiny-chat: 512 tokens
+    assert "characters" in error_of(httpx.post(url, json={"messages": long}, timeout=60), 400)["message"]
+
+
 def test_before_any_worker_tokenizing_is_503(empty):
     url = empty.router.http_url
     for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1]}),
