@@ -71,10 +71,12 @@ class CompletionRequest:
 
 def parse_json(body: bytes) -> dict:
     """The request body as a JSON object. Raises APIError(400)."""
+    if not body.strip():
+        raise invalid("the request body is empty; send a JSON object")
     try:
         data = json.loads(body)
     except ValueError as e:  # a JSONDecodeError, bad UTF-8, or an integer past 4300 digits
-        raise invalid(f"the body is not valid JSON: {e}") from None
+        raise invalid(f"the body is not valid JSON ({e}); send a JSON object") from None
     except RecursionError:
         raise invalid("the body nests JSON too deeply") from None
     if not isinstance(data, dict):

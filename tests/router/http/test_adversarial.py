@@ -60,8 +60,9 @@ def test_huge_top_k_is_off_and_the_server_keeps_serving(http_cluster):
     assert texts[0] == texts[1] == texts[2]  # every top_k past the vocabulary keeps every token
 
 
-def test_unencodable_text_and_deep_nesting_are_400(http_cluster):
+def test_odd_bodies_are_400_saying_what_to_change(http_cluster):
     url = http_cluster.http_url
+    assert "body is empty" in error_of(httpx.post(url + "/v1/completions", content=b""), 400)["message"]
     lone = b'{"prompt": "a\\ud800", "max_tokens": 2}'
     for path, body in (("/v1/completions", lone),
                        ("/v1/completions", b'{"prompt": "a", "model": "\\udc00"}'),
