@@ -141,6 +141,7 @@ class HttpGateway:
                              "choose another --port (0: any free one) or --no-http") from None
         sock.listen(2048)
         sock.setblocking(False)
+        # uvicorn makes one protocol object a connection from a class: this one has our timeout.
         protocol = type("Protocol", (_Protocol,), {"read_timeout_s": self.config.read_timeout_s})
         uv_config = uvicorn.Config(build_app(self), loop="none", http=protocol, lifespan="off",
                                    log_level="warning", access_log=False, server_header=False,
