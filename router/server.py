@@ -267,6 +267,11 @@ class Router:
             sched.on_worker_error(worker, msg)
 
     def _register(self, identity: bytes, msg: P.Register) -> None:
+        stale = self.registry.is_reregistration(identity, msg.info)
+        if stale is not None:
+            log.warning("worker %s registered again: it lost this router and dropped its requests, "
+                        "which start over", stale.worker_id)
+            self._worker_dead(stale, DISCONNECTED, "it lost the router and registered again")
         try:
             worker = self.registry.register(identity, msg.worker_id, msg.info, time.monotonic())
         except RegistrationError as exc:
