@@ -295,10 +295,10 @@ COMMANDS = {"serve": cmd_serve, "router": cmd_router, "worker": cmd_worker,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get("PDSERVE_LOG", "INFO").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = argv[0] if argv else None
     try:
+        logging.basicConfig(level=log_level(), stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if command == "bench":
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
@@ -310,6 +310,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {command}: {exc}", file=sys.stderr)
         return 1
+
+
+def log_level() -> str:
+    """The level named by $PDSERVE_LOG (default INFO). Raises UserError for an unknown name."""
+    level = os.environ.get("PDSERVE_LOG", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise UserError(f"PDSERVE_LOG={os.environ['PDSERVE_LOG']!r} is not a log level; "
+                        "use DEBUG, INFO, WARNING or ERROR")
+    return level
 
 
 def _is_user_error(exc: Exception) -> bool:
