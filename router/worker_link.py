@@ -129,6 +129,10 @@ class WorkerLink:
 
     async def recv(self) -> P.Message:
         """The next router message: Allocate, Prefill, Free, PeerDead or Shutdown."""
+        # Yield to the loop first: a queue.get() that finds a message does not, and a burst of
+        # thousands (a flood's Allocates) handled back to back would starve the heartbeats, so
+        # the router and this worker would each take the other for dead.
+        await asyncio.sleep(0)
         msg = await self._inbox.get()
         if isinstance(msg, _Refusal):
             raise RegistrationRefused(f"router {self.endpoint} refused this worker: {msg.error}")

@@ -1,15 +1,26 @@
 """The client library and the CLI misused as outside callers misuse them: each mistake gets a
 clear error of the library's own types (or one line from the CLI), never a traceback from deep
-inside, a hang or a warning. A real router on real sockets; no workers are needed."""
+inside, a hang or a warning; and a flood of them leaves the router and its workers in touch.
+A real router on real sockets; the workers, where any are needed, are WorkerLinks."""
+import asyncio
 import os
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
 
+from router import protocol as P
 from router.client import AsyncClient, Client, InvalidRequest, Unavailable
-from tests.router.helpers import make_router
+from router.worker_link import WorkerLink
+from tests.router.helpers import FINGERPRINT, make_router
+from tests.router.test_no_hang import CAPS
+from tests.router.test_workers import info as worker_info
+
+# 300 Allocates at 15 ms each: 4.5 s of handling, past the worker's 3 s router timeout.
+NUM_FLOOD = 300
+HANDLE_S = 0.015
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +77,33 @@ def test_a_bad_log_level_is_one_line_from_the_cli(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == ("pdserve status: PDSERVE_LOG='loud' is not a log level; "
                                   "use DEBUG, INFO, WARNING or ERROR")
+
+
+async def test_a_worker_busy_with_a_flood_of_messages_keeps_its_router(tmp_path):
+    """A flood sends a decode worker thousands of Allocates at once; handling them back to back
+    must leave its heartbeats room, or it takes the router for lost and drops every request."""
+    thread = make_router(tmp_path, max_queue=1000, heartbeat_timeout_s=30.0)
+    big = {"max_model_len": 64, "num_blocks": 100_000}
+    losses = []
+    links = [WorkerLink(thread.config.backend, worker_id,
+                        worker_info(role, fingerprint=FINGERPRINT, transports=CAPS, **big),
+                        stats=dict, heartbeat_s=0.05, on_router_lost=lambda: losses.append(1))
+             for worker_id, role in (("p0", "prefill"), ("d0", "decode"))]
+    d0 = links[1]
+    try:
+        for link in links:
+            await link.connect()
+        async with AsyncClient(thread.config.frontend, timeout=30) as client:
+            streams = [client.generate(prompt_token_ids=[1, 2, 3], max_tokens=2) for _ in range(NUM_FLOOD)]
+            for _ in range(NUM_FLOOD):
+                msg = await d0.recv()  # as the worker reads them (wait_for would yield itself)
+                assert isinstance(msg, P.Allocate)
+                time.sleep(HANDLE_S)  # the work a real worker does for each, on its loop
+            await asyncio.sleep(0.5)  # heartbeats go out and are answered as usual
+            assert not losses, "the worker took its router for lost"
+            for stream in streams:
+                await stream.aclose()
+    finally:
+        for link in links:
+            await link.close()
+        thread.stop()
