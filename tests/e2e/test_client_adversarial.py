@@ -1,7 +1,10 @@
 """The cluster driven as outside users drive it: a router that stalls under their load, while
-a request is mid-stream, must not lose that request."""
+a request is mid-stream, must not lose that request; a worker started with options the model
+cannot take says so in one line per process."""
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +13,7 @@ from router.client import Client
 from router.launcher import LocalCluster
 from tests.e2e.helpers import wait_all_blocks_free
 from tests.e2e.pause_control import PauseControl
+from tests.tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +55,13 @@ def test_a_request_mid_decode_survives_a_router_stall_its_workers_took_for_a_los
         assert tokens == alone.token_ids
         assert client.status()["router"]["active"] == 0
         wait_all_blocks_free(client)
+
+
+def test_a_tp_degree_the_model_cannot_split_into_is_one_line_per_rank(tmp_path):
+    model = make_tiny_checkpoint(tmp_path / "llama", num_heads=3, num_kv_heads=1, hidden_size=48)
+    out = subprocess.run([sys.executable, "-m", "router.cli", "worker", "--role", "decode", "--tp", "2",
+                          "--model", str(model), "--router", f"ipc://{tmp_path}/nobody.ipc"],
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    why = "number of attention heads (3) is not divisible by TP=2; choose a TP degree that divides it"
+    assert sorted(out.stderr.split("\n")) == ["", f"pdserve worker rank 1: {why}", f"pdserve worker: {why}"]
