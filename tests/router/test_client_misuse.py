@@ -4,6 +4,7 @@ inside, a hang or a warning; and a flood of them leaves the router and its worke
 A real router on real sockets; the workers, where any are needed, are WorkerLinks."""
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -107,3 +108,26 @@ async def test_a_worker_busy_with_a_flood_of_messages_keeps_its_router(tmp_path)
         for link in links:
             await link.close()
         thread.stop()
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:99999", "tcp://127.0.0.1:", "tcp://127.0.0.1:http"])
+def test_an_endpoint_without_a_valid_port_is_refused_up_front(endpoint):
+    with pytest.raises(ValueError, match="no valid port|has no port"):
+        AsyncClient(endpoint)
+    out = subprocess.run([sys.executable, "-m", "router.cli", "router", "--listen", endpoint],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr and endpoint in out.stderr
+
+
+def test_a_port_in_use_says_what_to_do(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        endpoint = f"tcp://127.0.0.1:{taken.getsockname()[1]}"
+        out = subprocess.run([sys.executable, "-m", "router.cli", "router", "--listen", endpoint,
+                              "--backend", f"ipc://{tmp_path}/w.ipc", "--no-http"],
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"pdserve router: cannot bind {endpoint}: Address already "
+                                                   "in use; another process holds it: stop that one or "
+                                                   "choose another endpoint")
