@@ -27,8 +27,8 @@ STALL_S = 5.0
 @pytest.fixture(scope="module")
 def cluster(tiny_model, tmp_path_factory):
     pauses = PauseControl(tmp_path_factory.mktemp("pause"))
-    with LocalCluster(str(tiny_model), num_kv_blocks=256, kv_transport="shm", router_in_process=False,
-                      env=pauses.env(), router_options=ROUTER_OPTIONS) as running:
+    with LocalCluster(str(tiny_model), num_kv_blocks=256, mode="colocated", num_workers=1,
+                      router_in_process=False, env=pauses.env(), router_options=ROUTER_OPTIONS) as running:
         yield running, pauses
         pauses.reset()
 
