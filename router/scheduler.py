@@ -137,7 +137,11 @@ class RequestScheduler:
         i = misses = 0
         while i < len(self.waiting) and misses < MAX_SCAN_MISSES:
             req = self.waiting[i]
-            fits = self._dispatch(req)
+            try:
+                fits = self._dispatch(req)
+            except Exception:
+                self._fail_unplaceable(req)
+                return  # failing it scheduled the rest of the queue
             if fits is None:
                 return  # nothing can be placed now, whatever its size
             if fits:
@@ -147,6 +151,18 @@ class RequestScheduler:
                 return  # it waited long enough: nothing overtakes it any more
             misses += 1
             i += 1
+
+    def _fail_unplaceable(self, req: Request) -> None:
+        """A defect while placing ``req`` (say, a value its Allocate cannot carry) fails it
+        alone: left at the head of the queue it would fail every later try to schedule."""
+        log.exception("could not place request %s; it fails, the queue goes on", req.rid)
+        release(req)
+        self.attempts.pop(req.transfer_id, None)
+        req.decode = req.prefill = None  # nothing reached a worker: nothing to free there
+        req.decode_holds = req.prefill_holds = False
+        req.state = State.QUEUED  # it is still in self.waiting, which _finish takes it out of
+        self.fail(req, P.ERR_INTERNAL, "the router could not place this request (a server "
+                                       "defect, logged); other requests are not affected")
 
     def _dispatch(self, req: Request) -> bool | None:
         """Place ``req`` on workers: True if placed, False if it does not fit now, None if no
