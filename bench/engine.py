@@ -15,7 +15,8 @@ workers do: decode steps through compiled graphs (batch buckets 1, 8, 32) unless
 
 Per row, ``*_tok_s`` is end to end (prefill + decode): ``batch * new_tokens / wall time``.
 Decode alone is timed too (``*_decode_tok_s``; transformers' decode time is its generate time
-minus a separately timed prefill forward). ``roofline_fraction`` uses pdserve's decode rate:
+minus a separately timed prefill forward that, like generate's, fills a cache and keeps the last
+position's logits only). ``roofline_fraction`` uses pdserve's decode rate:
 at batch 1 decode streams every weight once per token, so the bound is memory bandwidth
 (``weight_bytes * tok_s / read_bandwidth``); at larger batches it is compute
 (``2 * params * tok_s / matmul_rate``, with the matmul rate measured in the row's dtype).
@@ -164,8 +165,13 @@ def run_pdserve(runner: ModelRunner, prompts: list[list[int]], new_tokens: int) 
 def run_hf(model, prompts: list[list[int]], new_tokens: int, device: torch.device) -> RunTiming:
     input_ids = torch.tensor(prompts, device=device)
     mask = torch.ones_like(input_ids)
+    # generate's own prefill keeps the logits of the last position only (``logits_to_keep``)
+    # and fills a cache: time the same forward, or decode alone is overstated (at batch 32
+    # the LM head over every prompt position costs about a third of the prefill).
+    keep = {"logits_to_keep": 1} if model._supports_logits_to_keep() else {}
     with torch.inference_mode():
-        _, prefill_s = timed(lambda: model(input_ids=input_ids, attention_mask=mask), device)
+        _, prefill_s = timed(lambda: model(input_ids=input_ids, attention_mask=mask,
+                                           use_cache=True, **keep), device)
         out, total_s = timed(lambda: model.generate(
             input_ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, pad_token_id=0), device)
