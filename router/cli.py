@@ -53,14 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse workers that serve another checkpoint (a name, .gguf or directory)")
     router.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto")
     router.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
-    router.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 'overloaded'")
     _add_liveness_arguments(router)
-    router.add_argument("--unavailable-timeout", type=float, default=30.0,
-                        help="seconds a request waits for a missing worker role")
-    router.add_argument("--handoff-timeout", type=float, default=30.0,
-                        help="seconds before a lost Allocate or KV hand-off is retried")
-    router.add_argument("--prefill-stall-timeout", type=float, default=120.0,
-                        help="seconds a prefill worker may hold requests without any first token")
     router.add_argument("--shutdown-workers", action="store_true",
                         help="tell registered workers to shut down when the router stops")
     add_http_arguments(router)
@@ -105,6 +98,23 @@ def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stuck-timeout", type=float, default=10.0,
                         help="seconds past its slowest step that a worker with work may go without "
                              "completing a step before it is declared dead")
+    parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 'overloaded'")
+    parser.add_argument("--unavailable-timeout", type=float, default=30.0,
+                        help="seconds a request waits for a missing worker role (for example "
+                             "while the only decode worker restarts)")
+    parser.add_argument("--handoff-timeout", type=float, default=30.0,
+                        help="seconds before a lost Allocate or KV hand-off is retried")
+    parser.add_argument("--prefill-stall-timeout", type=float, default=120.0,
+                        help="seconds a prefill worker may hold requests without any first token")
+
+
+def _router_options(args) -> dict:
+    """The router's queue and liveness settings (``RouterConfig`` fields) from the flags
+    ``_add_liveness_arguments`` adds."""
+    return {"max_queue": args.max_queue, "heartbeat_timeout_s": args.heartbeat_timeout,
+            "stuck_timeout_s": args.stuck_timeout, "unavailable_timeout_s": args.unavailable_timeout,
+            "handoff_timeout_s": args.handoff_timeout,
+            "prefill_stall_timeout_s": args.prefill_stall_timeout}
 
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,7 +143,7 @@ def cmd_serve(args) -> int:
     engine = {name: getattr(args, name) for name in (
         "model", "tp", "dtype", "device", "max_model_len", "block_size", "num_kv_blocks", "kv_memory",
         "kv_transport", "max_num_seqs", "max_num_batched_tokens", "enforce_eager")}
-    router_options = {"stuck_timeout_s": args.stuck_timeout, "heartbeat_timeout_s": args.heartbeat_timeout}
+    router_options = _router_options(args)
     if args.launcher == "ray":  # Ray restarts the workers: no local supervisor
         cluster = ray_cluster(args, engine, http_config_from_args(args), router_options)
     else:
@@ -164,11 +174,7 @@ def cmd_router(args) -> int:
     config = RouterConfig(frontend=args.listen or default_endpoint("client"),
                           backend=args.backend or default_endpoint("workers"), model_dir=model_dir,
                           curve_dir=args.curve_dir, kv_transport=args.kv_transport,
-                          max_queue=args.max_queue, heartbeat_timeout_s=args.heartbeat_timeout,
-                          stuck_timeout_s=args.stuck_timeout,
-                          unavailable_timeout_s=args.unavailable_timeout,
-                          handoff_timeout_s=args.handoff_timeout,
-                          prefill_stall_timeout_s=args.prefill_stall_timeout)
+                          **_router_options(args))
 
     def ready(router) -> None:
         http = f", http {router.http_url}" if router.http_url else ""
@@ -295,10 +301,10 @@ COMMANDS = {"serve": cmd_serve, "router": cmd_router, "worker": cmd_worker,
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=os.environ.get("PDSERVE_LOG", "INFO").upper(), stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     command = argv[0] if argv else None
     try:
+        logging.basicConfig(level=log_level(), stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if command == "bench":
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)
@@ -310,6 +316,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{PROG} {command}: {exc}", file=sys.stderr)
         return 1
+
+
+def log_level() -> str:
+    """The level named by $PDSERVE_LOG (default INFO). Raises UserError for an unknown name."""
+    level = os.environ.get("PDSERVE_LOG", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise UserError(f"PDSERVE_LOG={os.environ['PDSERVE_LOG']!r} is not a log level; "
+                        "use DEBUG, INFO, WARNING or ERROR")
+    return level
 
 
 def _is_user_error(exc: Exception) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import secrets
 import threading
 import time
@@ -32,6 +33,7 @@ from typing import Any, Iterator
 
 import zmq
 
+from models.request_options import is_number
 from router import protocol as P
 from router.client_types import (ClientTimeout, Completion, InternalError, InvalidRequest,  # noqa: F401
                                  Overloaded, RequestMetrics, RequestTimeout, ServerError,
@@ -48,6 +50,7 @@ _FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply, P.ScaleReply)
 # this is the last line of defence against a router that stopped answering.
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_LIST_ITEMS = P.UNPACK_LIMITS["max_array_len"]
+_CLOSED = "this client was closed; make a new one"
 
 
 class _Inbox:
@@ -134,7 +137,7 @@ class AsyncClient:
     def __init__(self, endpoint: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
                  curve: str | Path | CurveKeys | None = None):
         check_endpoint(endpoint, "endpoint")
-        if timeout is not None and not timeout > 0:
+        if timeout is not None and not (is_number(timeout) and 0 < timeout < math.inf):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
         self.endpoint = endpoint
         self.timeout = timeout
@@ -145,6 +148,7 @@ class AsyncClient:
         self._inboxes: dict[str, _Inbox] = {}
         self._prefix = secrets.token_hex(4)
         self._ids = itertools.count(1)
+        self._closed = False
 
     async def __aenter__(self) -> "AsyncClient":
         self._connect()
@@ -154,7 +158,9 @@ class AsyncClient:
         await self.close()
 
     def _connect(self) -> LoopSocket:
-        """Connect once. Raises Unavailable when nothing listens at the endpoint."""
+        """Connect once. Raises Unavailable when nothing listens at the endpoint, or after close()."""
+        if self._closed:
+            raise Unavailable(P.ERR_UNAVAILABLE, _CLOSED)
         if self._sock is None:
             why = why_no_listener(self.endpoint)
             if why is not None:
@@ -255,11 +261,13 @@ class AsyncClient:
         return msg
 
     async def close(self) -> None:
-        """Cancel every open request and close the connection."""
+        """Cancel every open request and close the connection; the client cannot be used again."""
+        if self._sock is not None:
+            for rid in list(self._inboxes):
+                self._send(P.Cancel(rid))
+        self._closed = True
         if self._sock is None:
             return
-        for rid in list(self._inboxes):
-            self._send(P.Cancel(rid))
         self._fail_all(Unavailable(P.ERR_UNAVAILABLE, "the client was closed"))
         await asyncio.sleep(0)  # let the socket flush the cancels before closing
         self._sock.close()
@@ -276,6 +284,9 @@ class AsyncClient:
     def _send(self, msg: P.Message) -> None:
         try:
             payload = P.encode(msg)
+        except OverflowError:  # msgpack carries integers of at most 64 bits
+            raise InvalidRequest(P.ERR_INVALID, "cannot encode the request: an integer in it does not fit "
+                                                "in 64 bits; check the token ids, max_tokens and seed") from None
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(P.ERR_INVALID, f"cannot encode the request: {exc}") from None
         if len(payload) > P.MAX_MESSAGE_BYTES:
@@ -347,6 +358,9 @@ class Client:
         self.close()
 
     def _run(self, coro, timeout: float | None = None):
+        if not self._thread.is_alive():
+            coro.close()
+            raise Unavailable(P.ERR_UNAVAILABLE, _CLOSED)
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
@@ -385,6 +399,8 @@ class _SyncStream:
         return self
 
     def __next__(self) -> StreamChunk:
+        if self._stream._done:
+            raise StopIteration
         try:
             return self._client._run(self._stream.__anext__())
         except StopAsyncIteration:

@@ -136,8 +136,9 @@ class Register(Message):
 
     ``info`` keys: role, tp_size, kv_spec (KVSpec.to_dict()), fingerprint, model, transports
     (what the worker can send or receive, in its order of preference; see kvtransfer),
-    max_model_len, num_blocks, pid, host, vocab_size, eos_token_ids. ``router.workers`` checks
-    them (``REGISTER_INFO_TYPES``).
+    max_model_len, num_blocks, pid, host, vocab_size, eos_token_ids, registration (how many
+    routers the worker lost: a new count on the same connection means it dropped every
+    request). ``router.workers`` checks them (``REGISTER_INFO_TYPES``).
     """
     TAG: ClassVar[int] = 10
     worker_id: str

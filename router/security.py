@@ -50,6 +50,10 @@ def check_endpoint(endpoint: str, what: str) -> None:
                          "or tcp://HOST:PORT")
     if endpoint.startswith("tcp://") and ":" not in endpoint[len("tcp://"):]:
         raise ValueError(f"{what} {endpoint!r} has no port; use tcp://HOST:PORT")
+    port = endpoint.rpartition(":")[2] if endpoint.startswith("tcp://") else "*"
+    if port != "*" and not (port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"{what} {endpoint!r} has no valid port; use tcp://HOST:PORT with a port "
+                         "in 0-65535 (or * for any free one)")
 
 
 def check_bind(endpoint: str, curve_dir: str | None, what: str) -> None:

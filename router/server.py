@@ -92,14 +92,18 @@ class Router:
             self._auth = keys.start_authenticator(self._ctx)
         front = self._make_socket(keys, "frontend", hwm=self.config.max_client_backlog)
         back = self._make_socket(keys, "backend", hwm=self.config.max_worker_backlog)
+        endpoint = self.config.frontend
         try:
-            front.bind(self.config.frontend)
-            back.bind(self.config.backend)
+            front.bind(endpoint)
+            endpoint = self.config.backend
+            back.bind(endpoint)
         except zmq.ZMQError as exc:
             front.close(0)
             back.close(0)
             self._stop_auth()
-            raise ValueError(f"cannot bind {self.config.frontend} / {self.config.backend}: {exc}") from None
+            hint = ("another process holds it: stop that one or choose another endpoint"
+                    if exc.errno == zmq.EADDRINUSE else "choose another endpoint")
+            raise ValueError(f"cannot bind {endpoint}: {zmq.strerror(exc.errno)}; {hint}") from None
         self._frontend = LoopSocket(front, self._on_client, on_disconnect=self._on_client_gone)
         self.clients = ClientSender(self._frontend)
         self._backend = LoopSocket(back, self._on_worker, on_disconnect=self._on_worker_gone)
@@ -282,6 +286,11 @@ class Router:
             sched.on_worker_error(worker, msg)
 
     def _register(self, identity: bytes, msg: P.Register) -> None:
+        stale = self.registry.is_reregistration(identity, msg.info)
+        if stale is not None:
+            log.warning("worker %s registered again: it lost this router and dropped its requests, "
+                        "which start over", stale.worker_id)
+            self._worker_dead(stale, DISCONNECTED, "it lost the router and registered again")
         try:
             worker = self.registry.register(identity, msg.worker_id, msg.info, time.monotonic())
         except RegistrationError as exc:

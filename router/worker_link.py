@@ -80,6 +80,10 @@ class WorkerLink:
         self._refused: str | None = None
         self._last_ack = 0.0
         self._last_register = 0.0
+        # Counts the routers this worker lost. Register carries it, so a router that stalled
+        # past this worker's router timeout tells a re-registration (this worker dropped every
+        # request) from a repeated Register.
+        self._num_router_losses = 0
         self._heartbeat_task: asyncio.Task | None = None
         self._lost_tasks: set[asyncio.Task] = set()
 
@@ -125,6 +129,10 @@ class WorkerLink:
 
     async def recv(self) -> P.Message:
         """The next router message: Allocate, Prefill, Free, PeerDead or Shutdown."""
+        # Yield to the loop first: a queue.get() that finds a message does not, and a burst of
+        # thousands (a flood's Allocates) handled back to back would starve the heartbeats, so
+        # the router and this worker would each take the other for dead.
+        await asyncio.sleep(0)
         msg = await self._inbox.get()
         if isinstance(msg, _Refusal):
             raise RegistrationRefused(f"router {self.endpoint} refused this worker: {msg.error}")
@@ -153,7 +161,8 @@ class WorkerLink:
         # One Register in flight at a time: while disconnected it waits in the socket's queue.
         if self._sock is not None and self._sock.num_pending == 0:
             self._last_register = time.monotonic()
-            self._sock.send([P.encode(P.Register(self.worker_id, self.info))])
+            info = {**self.info, "registration": self._num_router_losses}
+            self._sock.send([P.encode(P.Register(self.worker_id, info))])
 
     def _on_message(self, frames: list[bytes]) -> None:
         try:
@@ -207,6 +216,7 @@ class WorkerLink:
         log.warning("lost the router at %s: %s; aborting every request and registering again",
                     self.endpoint, why)
         self._registered = False
+        self._num_router_losses += 1
         shutdown = None
         while not self._inbox.empty():
             msg = self._inbox.get_nowait()

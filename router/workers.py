@@ -27,7 +27,7 @@ REGISTER_INFO_TYPES = {"role": str, "tp_size": int, "kv_spec": dict, "fingerprin
                        "transports": (list, dict), "max_model_len": int, "num_blocks": int,
                        "vocab_size": int}
 OPTIONAL_INFO_TYPES = {"model": str, "model_dir": str, "eos_token_ids": list, "pid": int,
-                       "host": str, "block_size": int, "node": str}
+                       "host": str, "block_size": int, "node": str, "registration": int}
 MAX_DEAD_RECORDS = 64
 MAX_REFUSED_PROCESSES = 256
 
@@ -128,7 +128,8 @@ class WorkerRegistry:
     def register(self, identity: bytes, worker_id: str, info: dict, now: float) -> WorkerRecord:
         """Accept a worker, or raise RegistrationError saying why it is refused.
 
-        Registering again on the same connection is idempotent (a repeated Register).
+        Registering again on the same connection is idempotent (a repeated Register); the
+        caller first declares dead a worker that ``is_reregistration`` finds.
         """
         current = self.by_identity.get(identity)
         if current is not None and current.worker_id == worker_id and current.alive:
@@ -184,6 +185,15 @@ class WorkerRegistry:
         self.by_identity[identity] = worker
         self._trim_dead()
         return worker
+
+    def is_reregistration(self, identity: bytes, info) -> WorkerRecord | None:
+        """The live worker on this connection if its Register starts a new registration: it
+        lost this router (a router stalled past the worker's timeout looks lost) and dropped
+        every request, so what the router holds for it is gone."""
+        current = self.by_identity.get(identity)
+        if current is None or not isinstance(info, dict):
+            return None
+        return current if info.get("registration") != current.info.get("registration") else None
 
     def mark_dead(self, worker: WorkerRecord, rule: str = DISCONNECTED, reason: str = "") -> bool:
         """Declare a worker dead (``rule``: a router.liveness rule name); False if it already was."""

@@ -41,7 +41,11 @@ def run_rank(rank_main: Callable[[ParallelContext, dict], None], rank: int, tp_s
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when the group stops
     ctx = init_tensor_parallel(rank, tp_size, init_method)
-    rank_main(ctx, options)
+    try:
+        rank_main(ctx, options)
+    except ValueError as exc:  # a configuration error (rank 0 says it too): one line, as rank 0
+        print(f"pdserve worker rank {rank}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 class TPGroup:

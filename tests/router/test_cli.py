@@ -56,6 +56,21 @@ def test_bad_options_are_argparse_errors(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_serve_and_router_take_the_same_queue_and_timeout_options():
+    from router.cli import _router_options
+    from router.config import RouterConfig
+
+    flags = ["--max-queue", "7", "--unavailable-timeout", "90", "--handoff-timeout", "12",
+             "--prefill-stall-timeout", "300", "--heartbeat-timeout", "4", "--stuck-timeout", "20"]
+    want = {"max_queue": 7, "unavailable_timeout_s": 90.0, "handoff_timeout_s": 12.0,
+            "prefill_stall_timeout_s": 300.0, "heartbeat_timeout_s": 4.0, "stuck_timeout_s": 20.0}
+    for command in ("serve", "router"):
+        options = _router_options(build_parser().parse_args([command, *flags]))
+        assert options == want
+        config = RouterConfig(frontend="ipc:///x/c", backend="ipc:///x/w", **options)
+        assert config.unavailable_timeout_s == 90.0  # every key is a field
+
+
 def test_user_errors_are_one_line_without_traceback(tmp_path):
     out = run_cli("router", "--listen", "tcp://0.0.0.0:5999", "--backend", f"ipc://{tmp_path}/w.ipc")
     assert out.returncode == 1
