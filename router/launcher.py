@@ -327,15 +327,22 @@ class LocalCluster:
         if self._status_client is not None:
             self._status_client.close()
             self._status_client = None
+        workers = [w.proc for w in self.worker_processes()]
         if self._router_thread is not None:
+            # The sockets stay open until the workers have read their Shutdown and exited: zmq
+            # drops unread messages of a dropped connection.
+            try:
+                self._router_thread.call(self._router_thread.router.stop_workers)
+            except Exception:
+                log.exception("telling the workers to shut down")
+            _wait_all(workers, min(self.grace_s, 2.0))
             self._router_thread.stop(stop_workers=True)
             self._router_thread = None
         elif self._router_proc is not None:
             _signal_group(self._router_proc, signal.SIGTERM)
-        procs = [w.proc for w in self.worker_processes()] + ([self._router_proc] if self._router_proc else [])
-        # A worker that saw the router's socket close before reading its Shutdown (zmq drops
-        # unread messages of a dropped connection) takes SIGTERM as the same clean stop.
-        _wait_all(procs, min(self.grace_s, 2.0))
+            _wait_all(workers + [self._router_proc], min(self.grace_s, 2.0))
+        procs = workers + ([self._router_proc] if self._router_proc else [])
+        # A worker still running after its Shutdown takes SIGTERM as the same clean stop.
         for proc in procs:
             _signal_group(proc, signal.SIGTERM)
         _wait_all(procs, self.grace_s)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from typing import Any, Callable
 
 from router.config import RouterConfig
@@ -53,6 +54,8 @@ def run_router(config: RouterConfig, on_ready: Callable[[Router], None] | None =
             on_ready(router)
         await stop.wait()
         log.info("router stopping")
+        if stop_workers:
+            await _shut_down_workers(router)
         router.close(stop_workers=stop_workers)
         if gateway is not None:
             await gateway.close()
@@ -62,6 +65,15 @@ def run_router(config: RouterConfig, on_ready: Callable[[Router], None] | None =
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+async def _shut_down_workers(router: Router, timeout_s: float = 2.0) -> None:
+    """Send the workers their Shutdown and wait (up to ``timeout_s``) until each has hung up:
+    closing the sockets at once could drop a Shutdown a worker had not read yet."""
+    router.stop_workers()
+    deadline = time.monotonic() + timeout_s
+    while router.registry.alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
 
 
 class RouterThread:

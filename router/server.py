@@ -70,6 +70,7 @@ class Router:
         self._backend: LoopSocket | None = None
         self._tick_task: asyncio.Task | None = None
         self._dead_pending: set[WorkerRecord] = set()
+        self._stopping_workers = False  # Shutdowns sent: workers hanging up is expected
         self._behind_since: float | None = None  # since when worker messages wait unread at ticks
         self.clients: ClientSender | None = None
         # Written by the local supervisor (router/supervisor.py) on this loop: worker id ->
@@ -122,17 +123,31 @@ class Router:
             keys.apply_server(sock, domain)
         return sock
 
+    def stop_workers(self) -> None:
+        """Answer live requests with ``unavailable`` and tell every live worker to shut down,
+        keeping the sockets open: call ``close`` once the workers are gone. A worker's socket
+        drops what it has not read yet when the connection closes, so a router that closes
+        right after its Shutdowns can lose them, and the workers then wait for a signal."""
+        if self._frontend is None:
+            return
+        self._stopping_workers = True
+        for req in list(self.scheduler.requests.values()):
+            self.scheduler.fail(req, P.ERR_UNAVAILABLE, "the router is shutting down")
+        self.scheduler.close()
+        for worker in self.registry.alive():
+            self.to_worker(worker, P.Shutdown("the router is shutting down"))
+
     def close(self, stop_workers: bool = False) -> None:
         """Answer live requests with ``unavailable``, optionally tell workers to shut down,
         and close the sockets."""
         if self._frontend is None:
             return
-        for req in list(self.scheduler.requests.values()):
-            self.scheduler.fail(req, P.ERR_UNAVAILABLE, "the router is shutting down")
-        self.scheduler.close()
         if stop_workers:
-            for worker in self.registry.alive():
-                self.to_worker(worker, P.Shutdown("the router is shutting down"))
+            self.stop_workers()
+        else:
+            for req in list(self.scheduler.requests.values()):
+                self.scheduler.fail(req, P.ERR_UNAVAILABLE, "the router is shutting down")
+            self.scheduler.close()
         if self._tick_task is not None:
             self._tick_task.cancel()
         # Let the last errors and Shutdowns reach their peers before the sockets go.
@@ -294,7 +309,10 @@ class Router:
     def _on_worker_gone(self, identity: bytes) -> None:
         worker = self.registry.by_identity.get(identity)
         if worker is not None:
-            log.warning("worker %s disconnected: declared dead", worker.worker_id)
+            if self._stopping_workers:
+                log.info("worker %s hung up after its Shutdown", worker.worker_id)
+            else:
+                log.warning("worker %s disconnected: declared dead", worker.worker_id)
             self._worker_dead(worker, DISCONNECTED, "its connection dropped")
 
     def _worker_dead(self, worker: WorkerRecord, rule: str, reason: str) -> None:

@@ -2,6 +2,8 @@
 and ``pdserve serve`` run as a real subprocess."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import queue
 import re
@@ -21,13 +23,54 @@ EOS = 257  # tests.tiny_models with_tokenizer
 def greedy_reference(model_dir: Path, prompts: list[list[int]], max_tokens: int | list[int],
                      stop_ids=(EOS,)) -> list[list[int]]:
     """transformers' greedy continuation of each prompt, ending after a stop id or max_tokens
-    (one number for all prompts, or one per prompt)."""
+    (one number for all prompts, or one per prompt).
+
+    Computed once per checkpoint, prompts and versions, then read back: from memory within a
+    run, from $PDSERVE_CACHE/test-reference across runs (keyed by every byte of the checkpoint,
+    the prompts, the lengths, the stop ids and transformers' and torch's versions, so any change
+    to any of them computes it afresh)."""
+    from models.registry import cache_root
+
+    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    key = _reference_key(model_dir, [list(p) for p in prompts], lengths, sorted(stop_ids))
+    if key in _REFERENCES:
+        return [list(out) for out in _REFERENCES[key]]
+    path = cache_root() / "test-reference" / f"greedy-{key}.json"
+    try:
+        outputs = json.loads(path.read_text())
+    except (OSError, ValueError):
+        outputs = _transformers_greedy(model_dir, prompts, lengths, stop_ids)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(outputs))
+        tmp.replace(path)
+    _REFERENCES[key] = outputs
+    return [list(out) for out in outputs]
+
+
+_REFERENCES: dict[str, list[list[int]]] = {}
+
+
+def _reference_key(model_dir: Path, prompts: list[list[int]], lengths: list[int], stop_ids: list[int]) -> str:
+    import torch
+    import transformers
+
+    key = hashlib.sha256(json.dumps([prompts, lengths, stop_ids, transformers.__version__,
+                                     torch.__version__]).encode())
+    for path in sorted(Path(model_dir).rglob("*")):
+        if path.is_file():
+            key.update(str(path.relative_to(model_dir)).encode() + b"\0")
+            key.update(path.read_bytes())
+    return key.hexdigest()[:24]
+
+
+def _transformers_greedy(model_dir: Path, prompts: list[list[int]], lengths: list[int],
+                         stop_ids) -> list[list[int]]:
     import torch
 
     from tests.tiny_models import load_hf_model, single_thread
 
     model = load_hf_model(model_dir)
-    lengths = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     outputs = []
     with torch.no_grad(), single_thread():
         for prompt, length in zip(prompts, lengths):

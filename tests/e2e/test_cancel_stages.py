@@ -39,6 +39,9 @@ PROMPT_LEN = {"mid_chunk": 100, "last_chunk": 40, "kv_in_flight_mid_prompt": 100
 MAX_TOKENS = {"decoding": 64, "finishing": 4}
 FRESH_MAX_TOKENS = 12
 ROUTER_OPTIONS = {"heartbeat_timeout_s": 60.0, "stuck_timeout_s": 60.0}  # a held loop is not a dead worker
+# Every check after a cancel waits for a heartbeat sent after the fresh request ran: at the
+# default 0.5 s period those waits dominate the stages' time.
+WORKER_ARGS = ("--heartbeat-s", "0.1")
 
 
 def prompt(name: str, length: int) -> list[int]:
@@ -66,7 +69,7 @@ def stages(request, tiny_model, tmp_path_factory):
         pytest.importorskip("nixl")
     pauses = PauseControl(tmp_path_factory.mktemp("pause"))
     with LocalCluster(str(tiny_model), num_kv_blocks=NUM_BLOCKS, block_size=16, max_num_batched_tokens=BUDGET,
-                      supervise=True, env=pauses.env(), router_options=ROUTER_OPTIONS,
+                      supervise=True, env=pauses.env(), router_options=ROUTER_OPTIONS, worker_args=WORKER_ARGS,
                       **MODES[request.param]) as cluster:
         yield Stages(cluster, pauses, request.param)
 

@@ -46,7 +46,7 @@ def wait_restarted(endpoint: str, old: dict, timeout_s: float = 120.0) -> dict:
         for w in status(endpoint)["workers"]:
             if w["id"] == old["id"] and w["alive"] and w["pid"] != old["pid"]:
                 return w
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"worker {old['id']} was not restarted within {timeout_s}s")
 
 
@@ -158,7 +158,7 @@ def test_stuck_tp_rank_and_a_worker_failing_at_start(tiny_model, caplog):
             deadline = time.monotonic() + 120
             while "decode-bad" not in client.status()["router"]["given_up"]:
                 assert time.monotonic() < deadline, cluster.workers[-1].log_tail()
-                time.sleep(0.2)
+                time.sleep(0.05)
             why = client.status()["router"]["given_up"]["decode-bad"]
             assert "exited with code 2 before registering, 2 times in a row" in why
             assert "--model '/nonexistent' is neither a known model name" in why

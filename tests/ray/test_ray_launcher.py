@@ -79,7 +79,7 @@ def wait_until(predicate, what, timeout_s=TIMEOUT_S):
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s}s"
-        time.sleep(0.5)
+        time.sleep(0.1)
 
 
 def settled(cluster, num_prefill=1, num_decode=1):

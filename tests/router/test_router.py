@@ -188,7 +188,10 @@ async def test_worker_notices_router_death_and_registers_with_the_next_router(tm
                 async def back():
                     return [w["id"] for w in (await c.status())["workers"]] == ["d0"]
                 await wait_for(back, "re-registration")
-            assert link.registered
+
+            async def registered():  # the router's Registered reaches the link a moment later
+                return link.registered
+            await wait_for(registered, "the link to hear it is registered again")
         finally:
             second.stop()
     finally:
