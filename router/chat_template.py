@@ -121,6 +121,16 @@ def _plain(value: Any, where: str, depth: int = 0) -> Any:
     raise ChatTemplateError(f"{where} holds a {type(value).__name__}; only JSON values are allowed")
 
 
+def _is_text_content(content: Any) -> bool:
+    """A message's content the model can read: text, none (a message of tool calls only), or
+    a list of text parts (strings or ``{"type": "text", "text": ...}``)."""
+    if content is None or isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(part, str) or (isinstance(part, dict) and part.get("type") == "text"
+                                  and isinstance(part.get("text"), str)) for part in content)
+
+
 def _normalize_messages(messages: Any) -> list[dict]:
     """Messages as transformers hands them to a template: None-valued keys dropped, reasoning
     aliased. Raises ChatTemplateError on anything that is not a list of messages with a role."""
@@ -133,6 +143,10 @@ def _normalize_messages(messages: Any) -> list[dict]:
                                     f"got {type(message).__name__}")
         if not isinstance(message.get("role"), str):
             raise ChatTemplateError(f"messages[{i}].role must be a string")
+        if not _is_text_content(message.get("content")):
+            raise ChatTemplateError(f"messages[{i}].content must be a string or a list of text "
+                                    'parts ({"type": "text", "text": "..."}), got '
+                                    f"{json.dumps(message['content'], default=repr)[:80]}")
         message = {k: v for k, v in _plain(message, f"messages[{i}]").items() if v is not None}
         reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
         if reasoning is not None:

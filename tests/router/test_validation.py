@@ -96,12 +96,21 @@ def test_chat_messages_are_rendered_with_the_template_and_keep_its_special_token
     spec = chat([{"role": "user", "content": "hi"}], tmp_path)
     # the template's <s> and </s> are the special tokens 256/257; no extra bos is added
     assert spec.prompt_ids == [256, *b"user:hi", 257, 256, *b"assistant:"]
+    # Text parts and a content-less message (tool calls only) reach the template as they are.
+    template = ("{% for m in messages %}{% for p in m['content'] or [] %}{{ p['text'] }}"
+                "{% endfor %}{% endfor %}")
+    spec = chat([{"role": "user", "content": [{"type": "text", "text": "ab"}]},
+                 {"role": "assistant", "tool_calls": []}], tmp_path, template)
+    assert spec.prompt_ids == [*b"ab"]
 
 
 @pytest.mark.parametrize("messages, template, match", [
     ([{"role": "user", "content": "hi"}], None, "has no chat template; send a prompt"),
     ([], CHATML, "messages must be a non-empty list"),
     ([{"content": "no role"}], CHATML, r"messages\[0\].role must be a string"),
+    ([{"role": "user", "content": 5}], CHATML, r"messages\[0\].content must be a string or a list of text parts"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], CHATML,
+     r"messages\[0\].content must be a string or a list of text parts"),
     ([{"role": "user", "content": "x" * 5000}], CHATML, "the chat has 50.. characters"),
     ([{"role": "user", "content": "x"}], "{{ raise_exception('only system roles') }}", "only system roles"),
     ([{"role": "user", "content": "x"}] * 4097, CHATML, "at most 4096 messages"),
