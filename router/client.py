@@ -1,4 +1,5 @@
-"""Client library: ``AsyncClient`` (asyncio) and ``Client`` (blocking, a loop in a thread).
+"""Client library: ``AsyncClient`` (asyncio) and ``Client`` (blocking, a loop in a thread;
+router/sync_client.py, imported from here).
 
 One DEALER connection carries any number of concurrent requests; a reader callback sorts the
 router's answers by request id into per-request inboxes. ::
@@ -25,11 +26,10 @@ import asyncio
 import itertools
 import math
 import secrets
-import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import zmq
 
@@ -39,7 +39,6 @@ from router.client_types import (ClientTimeout, Completion, InternalError, Inval
                                  Overloaded, RequestMetrics, RequestTimeout, ServerError,
                                  StreamChunk, Unavailable, error_for)
 from router.probe import why_no_listener
-from router.runtime import new_event_loop
 from router.security import CurveKeys, check_endpoint
 from router.sockets import AUTH_FAILED, LoopSocket
 from router.validation import MAX_PROMPT_CHARS
@@ -50,7 +49,7 @@ _FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply, P.ScaleReply)
 # this is the last line of defence against a router that stopped answering.
 DEFAULT_TIMEOUT_S = 300.0
 _MAX_LIST_ITEMS = P.UNPACK_LIMITS["max_array_len"]
-_CLOSED = "this client was closed; make a new one"
+CLOSED = "this client was closed; make a new one"
 
 
 class _Inbox:
@@ -81,7 +80,7 @@ class _Inbox:
         return self.items.popleft()
 
 
-def _as_messages(messages: list[dict] | str) -> list[dict]:
+def as_messages(messages: list[dict] | str) -> list[dict]:
     return [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
 
 
@@ -160,7 +159,7 @@ class AsyncClient:
     def _connect(self) -> LoopSocket:
         """Connect once. Raises Unavailable when nothing listens at the endpoint, or after close()."""
         if self._closed:
-            raise Unavailable(P.ERR_UNAVAILABLE, _CLOSED)
+            raise Unavailable(P.ERR_UNAVAILABLE, CLOSED)
         if self._sock is None:
             why = why_no_listener(self.endpoint)
             if why is not None:
@@ -231,11 +230,11 @@ class AsyncClient:
     def chat(self, messages: list[dict] | str, **kwargs: Any) -> AsyncStream:
         """Stream the answer to a chat: ``messages`` as in ``generate`` (a plain string is one
         user message); the other arguments are those of ``generate``."""
-        return self.generate(messages=_as_messages(messages), **kwargs)
+        return self.generate(messages=as_messages(messages), **kwargs)
 
     async def chat_complete(self, messages: list[dict] | str, **kwargs: Any) -> Completion:
         """The whole answer to a chat, with metrics (``complete`` for ``messages``)."""
-        return await self.complete(messages=_as_messages(messages), **kwargs)
+        return await self.complete(messages=as_messages(messages), **kwargs)
 
     async def status(self) -> dict:
         """The router's status: its totals and every worker (see ``pdserve status``)."""
@@ -341,72 +340,11 @@ def _check_sizes(prompt, prompt_token_ids) -> None:
                                             f"limit of {MAX_PROMPT_CHARS}; shorten it")
 
 
-class Client:
-    """Blocking twin of AsyncClient: same methods; ``generate`` returns a plain iterator."""
-
-    def __init__(self, endpoint: str, *, timeout: float | None = DEFAULT_TIMEOUT_S,
-                 curve: str | Path | CurveKeys | None = None):
-        self._async = AsyncClient(endpoint, timeout=timeout, curve=curve)
-        self._loop = new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-client", daemon=True)
-        self._thread.start()
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _run(self, coro, timeout: float | None = None):
-        if not self._thread.is_alive():
-            coro.close()
-            raise Unavailable(P.ERR_UNAVAILABLE, _CLOSED)
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def generate(self, prompt: str | None = None, **kwargs: Any) -> Iterator[StreamChunk]:
-        async def start():
-            return self._async.generate(prompt, **kwargs)
-        return _SyncStream(self, self._run(start()))
-
-    def complete(self, prompt: str | None = None, **kwargs: Any) -> Completion:
-        return self._run(self._async.complete(prompt, **kwargs))
-
-    def chat(self, messages: list[dict] | str, **kwargs: Any) -> Iterator[StreamChunk]:
-        return self.generate(messages=_as_messages(messages), **kwargs)
-
-    def chat_complete(self, messages: list[dict] | str, **kwargs: Any) -> Completion:
-        return self._run(self._async.chat_complete(messages, **kwargs))
-
-    def status(self) -> dict:
-        return self._run(self._async.status())
-
-    def scale(self, *, prefill: int | None = None, decode: int | None = None) -> dict:
-        return self._run(self._async.scale(prefill=prefill, decode=decode))
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._run(self._async.close())
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
-
-
-class _SyncStream:
-    def __init__(self, client: Client, stream: AsyncStream):
-        self._client, self._stream = client, stream
-
-    def __iter__(self) -> "_SyncStream":
-        return self
-
-    def __next__(self) -> StreamChunk:
-        if self._stream._done:
-            raise StopIteration
-        try:
-            return self._client._run(self._stream.__anext__())
-        except StopAsyncIteration:
-            raise StopIteration from None
-
-    def close(self) -> None:
-        """Stop early: cancels the request on the server (dropping the iterator does too)."""
-        if self._client._thread.is_alive():
-            self._client._run(self._stream.aclose())
+def __getattr__(name: str):
+    # ``Client``, the blocking twin, lives in router/sync_client.py and is imported from here
+    # (``from router.client import Client``); loaded on first use, which also keeps the two
+    # modules free of an import cycle.
+    if name == "Client":
+        from router.sync_client import Client
+        return Client
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

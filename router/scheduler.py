@@ -156,11 +156,7 @@ class RequestScheduler:
         """A defect while placing ``req`` (say, a value its Allocate cannot carry) fails it
         alone: left at the head of the queue it would fail every later try to schedule."""
         log.exception("could not place request %s; it fails, the queue goes on", req.rid)
-        release(req)
-        self.attempts.pop(req.transfer_id, None)
-        req.decode = req.prefill = None  # nothing reached a worker: nothing to free there
-        req.decode_holds = req.prefill_holds = False
-        req.state = State.QUEUED  # it is still in self.waiting, which _finish takes it out of
+        self._undo_attempt(req)  # nothing reached a worker; it is still in self.waiting
         self.fail(req, P.ERR_INTERNAL, "the router could not place this request (a server "
                                        "defect, logged); other requests are not affected")
 
@@ -387,6 +383,12 @@ class RequestScheduler:
 
     def _requeue(self, req: Request) -> None:
         """Back to the front of the queue, keeping the output produced so far."""
+        self._undo_attempt(req)
+        req.queued_at = time.monotonic()
+        self.waiting.appendleft(req)
+
+    def _undo_attempt(self, req: Request) -> None:
+        """Queued again as far as the accounting goes: no workers, nothing charged to any."""
         release(req)
         self.attempts.pop(req.transfer_id, None)
         req.state = State.QUEUED
@@ -394,8 +396,6 @@ class RequestScheduler:
         req.started = req.got_first = False
         req.handoff_since = None
         req.early.clear()
-        req.queued_at = time.monotonic()
-        self.waiting.appendleft(req)
 
     def _free_on_workers(self, req: Request) -> None:
         if req.decode_holds and req.decode is not None and req.decode.alive:
