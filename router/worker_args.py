@@ -152,7 +152,7 @@ def worker_main(args: argparse.Namespace) -> int:
     try:
         WorkerOptions.from_args(args)  # a bad option or --model is a configuration error
     except ValueError as exc:
-        print(f"pdserve worker: {exc}", file=sys.stderr)
+        print(f"pdserve worker: {exc}\n", end="", file=sys.stderr, flush=True)  # one write
         return EXIT_CONFIG
     if getattr(args, "tp_rank", None) is not None:
         return _rank_main(args)

@@ -54,7 +54,9 @@ def run_worker(opts: WorkerOptions, worker_cls, rank_main) -> int:
             logging.shutdown()
             os._exit(EXIT_CRASH)      # no stuck thread may keep a crashed worker alive
     except ValueError as exc:
-        print(f"pdserve worker: {exc}", file=sys.stderr)
+        # One write per line: a TP group's ranks share stderr, and print() writes the text
+        # and its newline apart, so two ranks' lines could interleave.
+        print(f"pdserve worker: {exc}\n", end="", file=sys.stderr, flush=True)
         if worker is not None:
             worker.close()
         else:

@@ -44,7 +44,7 @@ def run_rank(rank_main: Callable[[ParallelContext, dict], None], rank: int, tp_s
     try:
         rank_main(ctx, options)
     except ValueError as exc:  # a configuration error (rank 0 says it too): one line, as rank 0
-        print(f"pdserve worker rank {rank}: {exc}", file=sys.stderr, flush=True)
+        print(f"pdserve worker rank {rank}: {exc}\n", end="", file=sys.stderr, flush=True)  # one write
         sys.exit(2)
 
 
