@@ -40,7 +40,7 @@ from router.client_types import (ClientTimeout, Completion, InternalError, Inval
                                  StreamChunk, Unavailable, error_for)
 from router.probe import why_no_listener
 from router.security import CurveKeys, check_endpoint
-from router.sockets import AUTH_FAILED, LoopSocket
+from router.sockets import AUTH_FAILED, HANDSHAKE_FAILED, SILENT_REFUSALS, LoopSocket
 from router.validation import MAX_PROMPT_CHARS
 
 _FROM_ROUTER = (P.Chunk, P.Error, P.StatusReply, P.ScaleReply)
@@ -173,8 +173,10 @@ class AsyncClient:
             sock.set(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
             if self._curve is not None:
                 self._curve.apply_client(sock)
-            sock.connect(self.endpoint)
+            # Watch before connecting: a refused handshake is not retried, so its event is
+            # the only word of the refusal (see router/sockets.py).
             self._sock = LoopSocket(sock, self._on_message, on_disconnect=self._on_disconnect)
+            sock.connect(self.endpoint)
         return self._sock
 
     # -- requests ---------------------------------------------------------------------------
@@ -275,7 +277,9 @@ class AsyncClient:
 
     # -- internals --------------------------------------------------------------------------
     def _open(self) -> tuple[str, _Inbox]:
-        self._connect()
+        refused = self._connect().refused
+        if refused is not None:  # no handshake succeeded since the router refused this client
+            raise Unavailable(P.ERR_UNAVAILABLE, self._refusal(refused))
         rid = f"{self._prefix}-{next(self._ids)}"
         inbox = self._inboxes[rid] = _Inbox()
         return rid, inbox
@@ -302,11 +306,18 @@ class AsyncClient:
         if inbox is not None:
             inbox.put((msg, time.perf_counter()))
 
-    def _on_disconnect(self, reason: bytes) -> None:
+    def _refusal(self, reason: bytes) -> str:
+        fix = ("pass the key directory made by `pdserve keys` (curve= / --curve-dir) whose client key is "
+               "in the router's clients/ directory, or none if the router has none")
         if reason == AUTH_FAILED:
-            why = (f"the router at {self.endpoint} refused this client: CurveZMQ authentication failed; "
-                   "pass the key directory made by `pdserve keys` (curve= / --curve-dir) whose client "
-                   "key is in the router's clients/ directory")
+            return f"the router at {self.endpoint} refused this client: CurveZMQ authentication failed; {fix}"
+        return (f"{self.endpoint} closed {SILENT_REFUSALS} connections in a row during the ZeroMQ handshake: "
+                f"either CurveZMQ authentication failed ({fix}) or it is not a pdserve router's client "
+                "endpoint (the HTTP port is another)")
+
+    def _on_disconnect(self, reason: bytes) -> None:
+        if reason in (AUTH_FAILED, HANDSHAKE_FAILED):
+            why = self._refusal(reason)
         else:
             why = f"lost the connection to the router at {self.endpoint}; the request is lost"
         self._fail_all(Unavailable(P.ERR_UNAVAILABLE, why))

@@ -16,14 +16,21 @@ Any other socket calls ``on_disconnect(reason)``:
 - ``AUTH_FAILED`` when the peer refused us: its authenticator denied our CurveZMQ key
   (``HANDSHAKE_FAILED_AUTH``, the peer's ERROR command), or one side uses CurveZMQ and the other
   does not (``HANDSHAKE_FAILED_PROTOCOL`` with a mechanism mismatch), or a CurveZMQ box did not
-  open (a cryptographic protocol error). Reported once until a handshake succeeds again.
+  open (a cryptographic protocol error).
+- ``HANDSHAKE_FAILED`` when ``SILENT_REFUSALS`` connections in a row failed their handshake
+  without a word (``HANDSHAKE_FAILED_NO_DETAIL``) or with another protocol error. One such failure
+  is no refusal: the peer was killed or restarted mid-handshake, zmq reconnects and sends what
+  waits. A streak is: a CurveZMQ server closes the connection without a word on a HELLO made
+  for another server key, and when one side uses CurveZMQ and the other does not, the side
+  that reads the other's greeting first may close before its own greeting went out, so the
+  other side sees only the closed connection, again and again (zmq does not retry a handshake
+  that failed with a mechanism mismatch, but it does retry one that failed without a word).
+  A peer that is no zmq socket at all fails the same way.
 - ``b""`` when a connection that had completed its handshake drops.
-A connection that drops before its handshake completed for any other reason
-(``HANDSHAKE_FAILED_NO_DETAIL``: the peer was killed or restarted mid-handshake, or closed the
-connection without a word, as a CurveZMQ server does with a HELLO made for another server key)
-is no refusal and carried no message: zmq reconnects and sends what waits, and nothing is
-reported. libzmq posts the handshake failure before the disconnect, but the refusal is acted on
-when its own event arrives, so the order never matters.
+A refusal is reported once until a handshake succeeds again, and ``refused`` holds it till then.
+The monitor must watch before the socket connects: a refused handshake is not retried, so its
+one event may be the only word of the refusal. libzmq posts the handshake failure before the
+disconnect, but the refusal is acted on when its own event arrives, so the order never matters.
 """
 from __future__ import annotations
 
@@ -46,10 +53,13 @@ _raw_send = zmq.backend.Socket.send
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _LAST = int(zmq.NOBLOCK)
 AUTH_FAILED = b"auth"
+HANDSHAKE_FAILED = b"handshake"
+# Handshakes in a row that must fail without a word before the peer counts as refusing us.
+SILENT_REFUSALS = 3
 # Handshake protocol errors that mean the peer's security mechanism or keys do not match ours.
 _REFUSALS = (zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH, zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC)
 _PEER_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 # Outcomes of LoopSocket.send_to_peer.
 SENT, FULL, GONE = "sent", "full", "gone"
 
@@ -77,7 +87,8 @@ class LoopSocket:
         self._fd_peer: dict[int, bytes] = {}
         self._fd_stale: dict[int, int] = {}
         self._handshaken = False  # the current connection completed its handshake
-        self._refusal_told = False  # AUTH_FAILED reported since the last completed handshake
+        self._failed_handshakes = 0  # handshakes in a row that failed without a refusal
+        self.refused: bytes | None = None  # the refusal reported since the last completed handshake
         if on_disconnect is not None:
             self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED if self._is_router else _PEER_EVENTS)
             self.loop.add_reader(self._monitor.FD, self._drain)
@@ -220,16 +231,23 @@ class LoopSocket:
     def _peer_event(self, kind: int, value: int) -> None:
         """A non-ROUTER socket's connection event (see the module docstring)."""
         if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._handshaken, self._refusal_told = True, False
+            self._handshaken, self.refused, self._failed_handshakes = True, None, 0
         elif kind == zmq.EVENT_DISCONNECTED:
             if self._handshaken:
                 self._handshaken = False
                 self._peer_gone(b"")
         elif (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH
               or (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value in _REFUSALS)):
-            if not self._refusal_told:
-                self._refusal_told = True
-                self._peer_gone(AUTH_FAILED)
+            self._refuse(AUTH_FAILED)
+        else:  # a handshake failed without a word, or with another protocol error
+            self._failed_handshakes += 1
+            if self._failed_handshakes >= SILENT_REFUSALS:
+                self._refuse(HANDSHAKE_FAILED)
+
+    def _refuse(self, reason: bytes) -> None:
+        if self.refused is None:
+            self.refused = reason
+            self._peer_gone(reason)
 
     def _peer_gone(self, peer: bytes) -> None:
         try:

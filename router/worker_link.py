@@ -38,7 +38,7 @@ import zmq
 
 from router import protocol as P
 from router.security import CurveKeys, check_endpoint
-from router.sockets import AUTH_FAILED, LoopSocket
+from router.sockets import AUTH_FAILED, HANDSHAKE_FAILED, SILENT_REFUSALS, LoopSocket
 
 log = logging.getLogger("pdserve.worker_link")
 
@@ -104,8 +104,10 @@ class WorkerLink:
         sock.set(zmq.MAXMSGSIZE, P.MAX_MESSAGE_BYTES)
         if self._curve is not None:
             self._curve.apply_client(sock)
-        sock.connect(self.endpoint)
+        # The monitor must watch before the connection starts: zmq does not retry a handshake
+        # refused for a security mismatch, so its one event is the only word of the refusal.
         self._sock = LoopSocket(sock, self._on_message, on_disconnect=self._on_disconnect)
+        sock.connect(self.endpoint)
         self._registered_event = asyncio.Event()
         deadline = time.monotonic() + self.register_timeout_s
         while not self._registered_event.is_set():
@@ -184,10 +186,15 @@ class WorkerLink:
             self._inbox.put_nowait(msg)
 
     def _on_disconnect(self, reason: bytes) -> None:
-        if reason == AUTH_FAILED:
-            self._on_registered(P.Registered(self.worker_id, "CurveZMQ authentication failed; start the "
-                                             "worker with the --curve-dir made by `pdserve keys`, whose "
-                                             "worker key is in the router's workers/ directory"))
+        if reason in (AUTH_FAILED, HANDSHAKE_FAILED):
+            fix = ("start the worker with the --curve-dir made by `pdserve keys`, whose worker key is in "
+                   "the router's workers/ directory, or without one if the router has none")
+            why = f"CurveZMQ authentication failed; {fix}"
+            if reason == HANDSHAKE_FAILED:
+                why = (f"it closed {SILENT_REFUSALS} connections in a row during the ZeroMQ handshake: either "
+                       f"CurveZMQ authentication failed ({fix}) or --router names something that is not "
+                       "a pdserve router's worker endpoint")
+            self._on_registered(P.Registered(self.worker_id, why))
         elif self._registered:
             # The router dropped the connection (it died, or declared this worker dead): it
             # has forgotten this worker, so register again.
