@@ -65,6 +65,15 @@ def enable_compile_cache() -> Path:
     return Path(path)
 
 
+def buckets_up_to(max_num_seqs: int) -> tuple[int, ...]:
+    """The buckets a worker that runs at most ``max_num_seqs`` sequences needs: the defaults
+    below it, then ``max_num_seqs`` itself (a bigger graph would never run, and each costs
+    seconds to compile or load at start)."""
+    if max_num_seqs >= DEFAULT_BUCKETS[-1]:
+        return DEFAULT_BUCKETS
+    return tuple(b for b in DEFAULT_BUCKETS if b < max_num_seqs) + (max_num_seqs,)
+
+
 def check_buckets(buckets) -> tuple[int, ...]:
     """Sorted, de-duplicated positive bucket sizes. Raises ``ValueError`` otherwise."""
     try:

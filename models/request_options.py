@@ -11,7 +11,6 @@ Stop strings are not here: they need text, so the router alone applies them.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 SEED_LIMIT = 2**63

@@ -16,6 +16,7 @@ def build_runner(opts: WorkerOptions, ctx: ParallelContext):
     prefill worker on this host can write straight into it."""
     import torch
 
+    from models.compiled import buckets_up_to
     from models.runner import ModelRunner
 
     device = opts.device
@@ -30,7 +31,7 @@ def build_runner(opts: WorkerOptions, ctx: ParallelContext):
                        block_size=opts.block_size, num_blocks=opts.num_kv_blocks,
                        kv_budget_bytes=opts.kv_memory, pool_backend=backend,
                        max_model_len=opts.max_model_len,
-                       enforce_eager=eager)
+                       enforce_eager=eager, compile_buckets=buckets_up_to(opts.max_num_seqs))
 
 
 def num_threads(opts: WorkerOptions) -> int:

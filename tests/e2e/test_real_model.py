@@ -38,11 +38,15 @@ CHATS = [
     [{"role": "user", "content": "Translate 'good morning' into Spanish and French."}],
 ]
 SHAPES = {  # one server each; the first serves the default model with no --model at all
-    "colocated": ["--mode", "colocated"],  # compiled decode graphs (the others run eager)
+    # Compiled decode graphs (the others run eager), for batches of up to the 8 chats.
+    "colocated": ["--mode", "colocated", "--max-num-seqs", "8"],
     "1p1d-shm": ["--kv-transport", "shm"],
     "2p2d-zmq": ["--prefill", "2", "--decode", "2", "--kv-transport", "zmq"],
     "tp3": ["--mode", "colocated", "--tp", "3"],  # 9 heads and 3 kv heads over 3 ranks
 }
+# Three ranks on a small machine step slowly: TP runs the chats whose answers are short (8-14
+# tokens, still past a block boundary), the other shapes all of them.
+CHATS_OF = {"tp3": [0, 1, 7]}
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +117,10 @@ def test_transformers_answers_the_capital_question(reference):
     assert answer[-1] == IM_END and len(answer) < MAX_TOKENS  # it stops by itself
 
 
-async def _chat_all(endpoint):
+async def _chat_all(endpoint, chats):
     async with AsyncClient(endpoint, timeout=300) as client:
         return await asyncio.gather(*(client.chat_complete(c, max_tokens=MAX_TOKENS, temperature=0)
-                                      for c in CHATS))
+                                      for c in chats))
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -125,7 +129,8 @@ def test_greedy_chats_equal_transformers(shape, model_dir, reference, tmp_path, 
     if shape == "colocated":  # the serving default: decode steps through compiled graphs
         monkeypatch.delenv(EAGER_ENV, raising=False)
     with serve(tmp_path, *model, "--num-kv-blocks", "128", *SHAPES[shape], timeout_s=600) as (ep, _):
-        results = asyncio.run(_chat_all(ep))
+        chosen = CHATS_OF.get(shape, range(len(CHATS)))
+        results = asyncio.run(_chat_all(ep, [CHATS[i] for i in chosen]))
         with Client(ep, timeout=60) as client:
             assert client.status()["router"]["model"] == DEFAULT_MODEL
             wait_all_blocks_free(client)
@@ -141,10 +146,12 @@ def test_greedy_chats_equal_transformers(shape, model_dir, reference, tmp_path, 
                                  capture_output=True, text=True, timeout=120)
             assert out.returncode == 0 and "Paris" in out.stdout and "finish: stop" in out.stderr
     if shape == "colocated":
-        assert "decode graphs for batch buckets" in (tmp_path / "serve.log").read_text()
-    for chat, prompt, want, got in zip(CHATS, reference["prompts"], reference["outputs"], results):
-        assert got.token_ids == want, chat
-        assert got.num_prompt_tokens == len(prompt)
+        assert "decode graphs for batch buckets (1, 2, 4, 8) ready" in (tmp_path / "serve.log").read_text()
+    assert len(results) == len(chosen)
+    for i, got in zip(chosen, results):
+        want = reference["outputs"][i]
+        assert got.token_ids == want, CHATS[i]
+        assert got.num_prompt_tokens == len(reference["prompts"][i])
         assert got.finish_reason == ("stop" if want[-1] == IM_END else "length")
     assert "Paris" in results[0].text and results[0].finish_reason == "stop"
     assert "<|im_end|>" not in results[0].text

@@ -5,7 +5,7 @@ from torch._dynamo.utils import counters
 
 from models.batch import SequenceChunk
 import models.compiled
-from models.compiled import check_buckets, layers_per_graph
+from models.compiled import DEFAULT_BUCKETS, buckets_up_to, check_buckets, layers_per_graph
 from models.runner import ModelRunner
 from models.sampler import SamplingParams
 from tests.tiny_models import make_tiny_checkpoint, single_thread
@@ -80,6 +80,13 @@ def test_padded_rows_write_no_kv_and_leave_real_rows_alone(model_dir):
 def test_bad_buckets_are_refused(bad):
     with pytest.raises(ValueError, match="compile buckets"):
         check_buckets(bad)
+
+
+@pytest.mark.parametrize("max_num_seqs,want", [(1, (1,)), (2, (1, 2)), (3, (1, 2, 3)), (8, (1, 2, 4, 8)),
+                                                (12, (1, 2, 4, 8, 12)), (32, DEFAULT_BUCKETS),
+                                                (256, DEFAULT_BUCKETS)])
+def test_a_worker_compiles_no_bucket_past_its_max_num_seqs(max_num_seqs, want):
+    assert buckets_up_to(max_num_seqs) == check_buckets(want) == want
 
 
 @pytest.mark.parametrize("num_layers,most,want", [(30, 16, 15), (30, 10, 10), (24, 16, 12),

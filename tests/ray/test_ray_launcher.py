@@ -63,6 +63,7 @@ def streams(cluster, prompts, during=None, after_tokens=NUM_STREAMS, max_tokens=
     return asyncio.run(_streams(cluster.endpoint, prompts, during, after_tokens, max_tokens))
 
 
+SHORT_TOKENS = 24  # streams that need no fault to land while they run
 LONG_TOKENS = 600  # a node's death takes a moment to take effect: streams long enough to outlast it
 
 
@@ -176,21 +177,22 @@ def test_tensor_parallel_worker_is_one_actor_per_rank_and_restarts_as_a_group(ra
     """TP 2: ranks are actors in one placement group on one node; a killed rank-1 actor takes
     the whole group down and Ray brings it back; output still matches transformers."""
     prompts, reference = workload
-    prompts, reference = prompts[:4], reference[:4]
+    # No fault lands mid-stream here, so short streams check the same parity.
+    prompts, reference = prompts[:4], [tokens[:SHORT_TOKENS] for tokens in reference[:4]]
     for _ in range(2):  # room for two more groups beside the running cluster
         ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
     options = RayOptions(address=ray_nodes.address, cpus_per_rank=0.5)
     with RayCluster(str(tiny_model), num_prefill=1, num_decode=1, tp=2, num_kv_blocks=128, ray=options,
                     router_options={"heartbeat_timeout_s": 3.0, "unavailable_timeout_s": 150.0},
                     startup_timeout_s=180) as cluster:
-        assert streams(cluster, prompts) == reference
+        assert streams(cluster, prompts, max_tokens=SHORT_TOKENS) == reference
         # Rank 1 is its own actor (in bundle 1 of rank 0's STRICT_PACK placement group).
         assert len(ray.get(cluster.groups["decode-0"].actor.rank_actors.remote(), timeout=60)) == 1
         pid = {w["id"]: w["pid"] for w in live(cluster)}["decode-0"]
         cluster.kill_worker("decode-0", rank=1)
         wait_until(lambda: {w["id"]: w["pid"] for w in live(cluster)}.get("decode-0") not in (None, pid),
                    "the TP group's restart")
-        assert streams(cluster, prompts) == reference
+        assert streams(cluster, prompts, max_tokens=SHORT_TOKENS) == reference
         settled(cluster)
 
 
