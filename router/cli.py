@@ -17,7 +17,7 @@ import threading
 from router.config import KV_TRANSPORTS, default_endpoint
 from router.http.config import add_http_arguments, http_config_from_args
 from router.ray_args import add_ray_arguments, ray_cluster
-from router.worker_args import add_engine_arguments, add_worker_arguments
+from router.worker_args import add_engine_arguments, add_worker_arguments, positive_float, positive_int
 
 PROG = "pdserve"
 
@@ -93,18 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_liveness_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--heartbeat-timeout", type=float, default=5.0,
+    parser.add_argument("--heartbeat-timeout", type=positive_float, default=5.0,
                         help="seconds of worker silence before it is declared dead")
-    parser.add_argument("--stuck-timeout", type=float, default=10.0,
+    parser.add_argument("--stuck-timeout", type=positive_float, default=10.0,
                         help="seconds past its slowest step that a worker with work may go without "
                              "completing a step before it is declared dead")
-    parser.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 'overloaded'")
-    parser.add_argument("--unavailable-timeout", type=float, default=30.0,
+    parser.add_argument("--max-queue", type=positive_int, default=1024, help="waiting requests before 'overloaded'")
+    parser.add_argument("--unavailable-timeout", type=positive_float, default=30.0,
                         help="seconds a request waits for a missing worker role (for example "
                              "while the only decode worker restarts)")
-    parser.add_argument("--handoff-timeout", type=float, default=30.0,
+    parser.add_argument("--handoff-timeout", type=positive_float, default=30.0,
                         help="seconds before a lost Allocate or KV hand-off is retried")
-    parser.add_argument("--prefill-stall-timeout", type=float, default=120.0,
+    parser.add_argument("--prefill-stall-timeout", type=positive_float, default=120.0,
                         help="seconds a prefill worker may hold requests without any first token")
 
 

@@ -23,6 +23,7 @@ A role's entry point (``prefill.worker.main(args)`` / ``decode.worker.main(args)
 from __future__ import annotations
 
 import argparse
+import math
 import re
 
 from kvtransfer.spec import TRANSPORT_CHOICES
@@ -46,7 +47,7 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -63,13 +64,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive finite number")
     return value
 
 
@@ -89,21 +90,21 @@ MODEL_HELP = _model_help()
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options that shape a worker's engine (shared by ``serve`` and ``worker``)."""
     parser.add_argument("--model", default=None, help=MODEL_HELP)
-    parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel degree per worker")
+    parser.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel degree per worker")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV dtype")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+    parser.add_argument("--max-model-len", type=positive_int, default=None,
                         help="max prompt + output tokens (default: the model's)")
-    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
+    parser.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
     pool = parser.add_mutually_exclusive_group()
-    pool.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="KV pool size in blocks")
+    pool.add_argument("--num-kv-blocks", type=positive_int, default=None, help="KV pool size in blocks")
     pool.add_argument("--kv-memory", type=_size, default=None,
                       help="KV pool size per rank, e.g. 2GiB (default: the engine's choice)")
     parser.add_argument("--kv-transport", choices=TRANSPORT_CHOICES, default="auto",
                         help="how KV moves from prefill to decode")
-    parser.add_argument("--max-num-seqs", type=_positive_int, default=None,
+    parser.add_argument("--max-num-seqs", type=positive_int, default=None,
                         help="max sequences a decode step runs")
-    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=None,
+    parser.add_argument("--max-num-batched-tokens", type=positive_int, default=None,
                         help="token budget of one prefill step")
     parser.add_argument("--curve-dir", default=None, help="CurveZMQ key directory (pdserve keys)")
     parser.add_argument("--enforce-eager", action="store_true", default=None,
@@ -117,10 +118,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the router's worker endpoint (its --backend), e.g. ipc:///tmp/x/workers.ipc")
     add_engine_arguments(parser)
     parser.add_argument("--worker-id", default=None, help="unique worker id (default: role-host-pid)")
-    parser.add_argument("--heartbeat-s", type=_positive_float, default=None,
+    parser.add_argument("--heartbeat-s", type=positive_float, default=None,
                         help="seconds between heartbeats to the router")
     parser.add_argument("--kv-dir", default=None, help="directory for ipc:// KV endpoints")
-    parser.add_argument("--tp-rank", type=_positive_int, default=None,
+    parser.add_argument("--tp-rank", type=positive_int, default=None,
                         help="run only this TP rank (1..TP-1) of a worker whose rank 0 runs elsewhere "
                              "and whose ranks meet at $PDSERVE_TP_INIT (set by the Ray launcher)")
     parser.add_argument("--kv-host", default=None,

@@ -86,6 +86,18 @@ def test_user_errors_are_one_line_without_traceback(tmp_path):
     assert out.returncode == 1 and "exactly one of a prompt" in out.stderr
 
 
+@pytest.mark.parametrize("command", ["serve", "router"])
+@pytest.mark.parametrize("flag,value,why", [("--unavailable-timeout", "-1", "must be a positive finite number"),
+                                            ("--handoff-timeout", "inf", "must be a positive finite number"),
+                                            ("--stuck-timeout", "nan", "must be a positive finite number"),
+                                            ("--heartbeat-timeout", "soon", "is not a number"),
+                                            ("--max-queue", "0", "must be at least 1")])
+def test_a_bad_router_setting_is_named_by_its_flag(tmp_path, command, flag, value, why):
+    out = run_cli(command, "--listen", f"ipc://{tmp_path}/c.ipc", flag, value)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"pdserve {command}: error: argument {flag}: '{value}' {why}"
+
+
 def test_bench_is_delegated_with_its_own_options():
     out = run_cli("bench", "--help")
     assert out.returncode == 0 and "--num-prompts" in out.stdout and out.stdout.startswith("usage: pdserve bench")
