@@ -65,6 +65,38 @@ _PEER_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVE
 SENT, FULL, GONE = "sent", "full", "gone"
 
 
+class HandshakeWatch:
+    """What a client socket's connection events mean (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.up = False  # the current connection completed its handshake
+        self.refused: bytes | None = None  # the refusal reported since the last completed handshake
+        self._failed = 0  # handshakes in a row that failed without a refusal
+
+    def event(self, kind: int, value: int) -> bytes | None:
+        """Take one monitor event; return what it reports (``AUTH_FAILED``, ``HANDSHAKE_FAILED``,
+        ``b""`` for a dropped connection) or None. Events other than handshakes and
+        disconnects report nothing."""
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self.up, self.refused, self._failed = True, None, 0
+            return None
+        if kind == zmq.EVENT_DISCONNECTED:
+            dropped, self.up = self.up, False
+            return b"" if dropped else None
+        if (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                or (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value in _REFUSALS)):
+            reason = AUTH_FAILED
+        elif kind in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            self._failed += 1
+            reason = HANDSHAKE_FAILED if self._failed >= SILENT_REFUSALS else None
+        else:
+            return None
+        if reason is None or self.refused is not None:
+            return None
+        self.refused = reason
+        return reason
+
+
 class LoopSocket:
     """One zmq socket served by an asyncio loop. Not thread-safe: use it from its loop only.
 
@@ -87,9 +119,7 @@ class LoopSocket:
         self._monitor: zmq.Socket | None = None
         self._fd_peer: dict[int, bytes] = {}
         self._fd_stale: dict[int, int] = {}
-        self._handshaken = False  # the current connection completed its handshake
-        self._failed_handshakes = 0  # handshakes in a row that failed without a refusal
-        self.refused: bytes | None = None  # the refusal reported since the last completed handshake
+        self._watch = HandshakeWatch()
         if on_disconnect is not None:
             self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED if self._is_router else _PEER_EVENTS)
             self.loop.add_reader(self._monitor.FD, self._drain)
@@ -229,26 +259,16 @@ class LoopSocket:
             if peer is not None:
                 self._peer_gone(peer)
 
+    @property
+    def refused(self) -> bytes | None:
+        """Non-ROUTER sockets: the refusal reported since the last completed handshake."""
+        return self._watch.refused
+
     def _peer_event(self, kind: int, value: int) -> None:
         """A non-ROUTER socket's connection event (see the module docstring)."""
-        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-            self._handshaken, self.refused, self._failed_handshakes = True, None, 0
-        elif kind == zmq.EVENT_DISCONNECTED:
-            if self._handshaken:
-                self._handshaken = False
-                self._peer_gone(b"")
-        elif (kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH
-              or (kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value in _REFUSALS)):
-            self._refuse(AUTH_FAILED)
-        else:  # a handshake failed without a word, or with another protocol error
-            self._failed_handshakes += 1
-            if self._failed_handshakes >= SILENT_REFUSALS:
-                self._refuse(HANDSHAKE_FAILED)
-
-    def _refuse(self, reason: bytes) -> None:
-        if self.refused is None:
-            self.refused = reason
-            self._peer_gone(reason)
+        report = self._watch.event(kind, value)
+        if report is not None:
+            self._peer_gone(report)
 
     def _peer_gone(self, peer: bytes) -> None:
         try:

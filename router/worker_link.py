@@ -35,16 +35,61 @@ import time
 from typing import Any, Callable
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from router import protocol as P
 from router.security import CurveKeys, check_endpoint
-from router.sockets import AUTH_FAILED, HANDSHAKE_FAILED, SILENT_REFUSALS, LoopSocket
+from router.sockets import AUTH_FAILED, HANDSHAKE_FAILED, SILENT_REFUSALS, HandshakeWatch, LoopSocket
 
 log = logging.getLogger("pdserve.worker_link")
 
 
 class RegistrationRefused(ValueError):
     """The router refused this worker (model or KV spec mismatch, duplicate id...)."""
+
+
+def refusal_text(reason: bytes) -> str:
+    """Why the router's socket refused this worker's handshake, and what to do."""
+    fix = ("start the worker with the --curve-dir made by `pdserve keys`, whose worker key is in "
+           "the router's workers/ directory, or without one if the router has none")
+    if reason == AUTH_FAILED:
+        return f"CurveZMQ authentication failed; {fix}"
+    return (f"it closed {SILENT_REFUSALS} connections in a row during the ZeroMQ handshake: either "
+            f"CurveZMQ authentication failed ({fix}) or --router names something that is not "
+            "a pdserve router's worker endpoint")
+
+
+def check_admission(endpoint: str, curve_dir: str | None, within_s: float = 3.0) -> None:
+    """Before a worker spends seconds or minutes loading its model: raise RegistrationRefused
+    if a router listens at ``endpoint`` and refuses this worker's handshake. Returns when the
+    handshake succeeds, when nothing listens there yet (registration waits for a router
+    later), or after ``within_s`` without an answer."""
+    check_endpoint(endpoint, "--router")
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    if curve_dir:
+        CurveKeys.for_peer(curve_dir, "worker").apply_client(sock)
+    monitor = sock.get_monitor_socket()  # watching before the connection starts
+    sock.connect(endpoint)
+    watch, connected = HandshakeWatch(), False
+    deadline = time.monotonic() + within_s
+    try:
+        while (left := deadline - time.monotonic()) > 0 and monitor.poll(left * 1000):
+            event = parse_monitor_message(monitor.recv_multipart())
+            kind = event["event"]
+            connected |= kind == zmq.EVENT_CONNECTED
+            if kind == zmq.EVENT_CONNECT_RETRIED and not connected:
+                return  # nothing listens at the endpoint yet
+            if watch.event(kind, event["value"]) is not None and watch.refused is not None:
+                raise RegistrationRefused(f"router {endpoint} refused this worker: {refusal_text(watch.refused)}")
+            if watch.up:
+                return
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
 
 
 class RouterUnreachable(ValueError):
@@ -187,14 +232,7 @@ class WorkerLink:
 
     def _on_disconnect(self, reason: bytes) -> None:
         if reason in (AUTH_FAILED, HANDSHAKE_FAILED):
-            fix = ("start the worker with the --curve-dir made by `pdserve keys`, whose worker key is in "
-                   "the router's workers/ directory, or without one if the router has none")
-            why = f"CurveZMQ authentication failed; {fix}"
-            if reason == HANDSHAKE_FAILED:
-                why = (f"it closed {SILENT_REFUSALS} connections in a row during the ZeroMQ handshake: either "
-                       f"CurveZMQ authentication failed ({fix}) or --router names something that is not "
-                       "a pdserve router's worker endpoint")
-            self._on_registered(P.Registered(self.worker_id, why))
+            self._on_registered(P.Registered(self.worker_id, refusal_text(reason)))
         elif self._registered:
             # The router dropped the connection (it died, or declared this worker dead): it
             # has forgotten this worker, so register again.

@@ -35,6 +35,12 @@ def run_worker(opts: WorkerOptions, worker_cls, rank_main) -> int:
     code: 0 after a clean stop, EXIT_CONFIG or EXIT_CRASH with one line on stderr."""
     logging.basicConfig(level=os.environ.get("PDSERVE_LOG", "INFO"),
                         format=f"%(asctime)s {opts.role}[{opts.worker_id[-6:]}] %(levelname)s %(message)s")
+    from router.worker_link import check_admission
+    try:
+        check_admission(opts.router, opts.curve_dir)  # before the ranks start and the model loads
+    except ValueError as exc:
+        _config_error(exc)
+        return EXIT_CONFIG
     group = TPGroup(opts.tp, rank_main, dataclasses.asdict(opts))
     worker = None
     try:
@@ -54,9 +60,7 @@ def run_worker(opts: WorkerOptions, worker_cls, rank_main) -> int:
             logging.shutdown()
             os._exit(EXIT_CRASH)      # no stuck thread may keep a crashed worker alive
     except ValueError as exc:
-        # One write per line: a TP group's ranks share stderr, and print() writes the text
-        # and its newline apart, so two ranks' lines could interleave.
-        print(f"pdserve worker: {exc}\n", end="", file=sys.stderr, flush=True)
+        _config_error(exc)
         if worker is not None:
             worker.close()
         else:
@@ -70,6 +74,12 @@ def run_worker(opts: WorkerOptions, worker_cls, rank_main) -> int:
         raise
     worker.close()
     return 0
+
+
+def _config_error(exc: ValueError) -> None:
+    # One write per line: a TP group's ranks share stderr, and print() writes the text and its
+    # newline apart, so two ranks' lines could interleave.
+    print(f"pdserve worker: {exc}\n", end="", file=sys.stderr, flush=True)
 
 
 async def _serve(worker, opts: WorkerOptions) -> None:

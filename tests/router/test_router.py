@@ -251,6 +251,34 @@ async def test_curve_keys_admit_known_peers_only(tmp_path):
         thread.stop()
 
 
+def test_a_worker_learns_it_is_refused_before_loading_its_model(tmp_path):
+    """``check_admission`` runs before a worker starts its TP ranks and loads its model: a
+    router that refuses the worker's keys is named at once; a router that admits them, or no
+    router yet (registration waits for one later), lets the start go on."""
+    import time
+
+    from router.cli import main as cli_main
+    from router.worker_link import check_admission
+    assert cli_main(["keys", str(tmp_path / "keys")]) == 0
+    assert cli_main(["keys", str(tmp_path / "other")]) == 0
+    keys, other = str(tmp_path / "keys"), str(tmp_path / "other")
+    start = time.monotonic()
+    check_admission(f"ipc://{tmp_path}/nobody.ipc", keys, within_s=60)
+    check_admission(f"tcp://127.0.0.1:{_free_port()}", None, within_s=60)
+    assert time.monotonic() - start < 30  # nothing listening is known at once, not waited out
+    thread = make_router(tmp_path, curve_dir=keys)
+    try:
+        check_admission(thread.config.backend, keys, within_s=60)
+        for curve in (None, other):
+            with pytest.raises(RegistrationRefused, match=f"router {thread.config.backend} refused this worker: "
+                                                          ".*CurveZMQ authentication failed"):
+                check_admission(thread.config.backend, curve, within_s=60)
+        with pytest.raises(ValueError, match="--router"):
+            check_admission("nonsense", None)
+    finally:
+        thread.stop()
+
+
 async def _serve_dropping(listener: socket.socket, drops: int, target: int | None, counts: dict) -> None:
     """Accept on ``listener``; close the first ``drops`` connections at once (a peer killed or
     restarting mid-handshake), then pipe each later one to 127.0.0.1:``target``."""
