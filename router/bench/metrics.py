@@ -56,7 +56,8 @@ class RequestRecord:
     """What the load generator saw of one request (``time.perf_counter`` seconds).
 
     ``chunk_times``: arrival of every chunk that carried tokens. ``end``: arrival of the final
-    chunk. ``error`` is set when the request failed (then the times are not used).
+    chunk. ``error`` is set when the request failed (then the times are not used); ``lost``
+    when that failure may mean the server is gone (a lost or refused connection).
     """
 
     start: float
@@ -65,6 +66,7 @@ class RequestRecord:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    lost: bool = False
 
     @property
     def ok(self) -> bool:

@@ -73,6 +73,14 @@ class OpenAIClient:
                        max_tokens: int = 16, **sampling) -> AsyncIterator[StreamChunk]:
         """Stream one request. Raises ServerError on an HTTP or in-stream error."""
         path, body = self._body(prompt, prompt_token_ids, max_tokens, sampling)
+        try:
+            async for chunk in self._stream(path, body):
+                yield chunk
+        except (httpx2.NetworkError, httpx2.RemoteProtocolError) as exc:
+            # the runner takes a ConnectionError as a sign the server may be gone
+            raise ConnectionError(f"lost the connection to {self.base_url}: {exc}") from None
+
+    async def _stream(self, path: str, body: dict) -> AsyncIterator[StreamChunk]:
         num_seen, reason = 0, None
         async with self._http.stream("POST", path, json=body) as response:
             if response.status_code != 200:
