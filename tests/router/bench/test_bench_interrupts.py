@@ -1,0 +1,101 @@
+"""The load test when its run is cut short: the server killed mid-run (the run stops within
+seconds with one clear line, instead of every later request waiting out its timeout) and
+Ctrl-C (the requests in flight are cancelled; the server keeps serving)."""
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from router.client import Client
+from tests.e2e.helpers import log_tail, read_lines
+
+pytestmark = pytest.mark.slow
+
+
+def _bench(endpoint, *argv):
+    # --timeout 300 (the default): without the watchdog, every request sent after the server died
+    # would wait that long
+    return subprocess.Popen([sys.executable, "-m", "router.bench", "--endpoint", endpoint, "--no-progress",
+                             "--num-warmups", "0", "--input-len", "8", *argv],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(endpoint, bench, done):
+    """Wait until ``done(router status)``, the load test still running."""
+    with Client(endpoint, timeout=30) as client:
+        deadline = time.monotonic() + 120
+        while not done(client.status()["router"]):
+            assert bench.poll() is None, bench.communicate()
+            assert time.monotonic() < deadline, "the load test sent nothing"
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A demo server run by ``pdserve serve``; the last test kills it."""
+    tmp_path = tmp_path_factory.mktemp("serve")
+    endpoint = f"ipc://{tmp_path}/client.ipc"
+    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--model", "demo", "--no-http",
+                             "--mode", "colocated", "--workers", "1", "--enforce-eager", "--listen", endpoint],
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True,
+                            start_new_session=True)
+    try:
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
+        line = lines.get(timeout=240)
+        assert line is not None and "ready" in line, log_tail(tmp_path)
+        yield endpoint, proc
+    finally:
+        try:  # the serve process and its workers
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _stop(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_ctrl_c_stops_the_run_and_cancels_its_requests(server):
+    endpoint, _ = server
+    bench = _bench(endpoint, "--num-prompts", "100", "--max-concurrency", "4", "--output-len", "400",
+                   "--ignore-eos")
+    try:
+        _wait_for(endpoint, bench, lambda router: router["active"] >= 1)
+        bench.send_signal(signal.SIGINT)
+        _, err = bench.communicate(timeout=30)
+    finally:
+        _stop(bench)
+    assert bench.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; the requests in flight were cancelled" in err
+    with Client(endpoint, timeout=60) as client:  # the server let go of them and serves others
+        deadline = time.monotonic() + 60
+        while (router := client.status()["router"])["active"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert router["active"] == 0 and router["aborted"] >= 1, router
+        assert len(client.complete(prompt_token_ids=[1, 2, 3], max_tokens=3, ignore_eos=True).token_ids) == 3
+
+
+def test_a_server_killed_mid_run_stops_the_run_with_one_clear_line(server):
+    endpoint, proc = server
+    with Client(endpoint, timeout=30) as client:
+        before = client.status()["router"]["finished"]
+    bench = _bench(endpoint, "--num-prompts", "2000", "--request-rate", "20", "--output-len", "4")
+    try:
+        _wait_for(endpoint, bench, lambda router: router["finished"] >= before + 3)
+        proc.kill()  # the router runs in the serve process: SIGKILL takes the endpoint away
+        proc.wait()
+        _, err = bench.communicate(timeout=60)
+    finally:
+        _stop(bench)
+    assert bench.returncode == 1, err
+    assert "Traceback" not in err and "the server stopped answering" in err, err
+    assert "mid-run;" in err and "of 2000 requests had completed" in err, err
