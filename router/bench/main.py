@@ -241,6 +241,11 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
             summary = summarize(result.records, result.duration_s, settings.slo)
             summary.update(request_rate=rate, model=model, vocab_size=vocab_size,
                            errors=error_counts(result.records))
+            if settings.sweep is not None and all(record.invalid for record in result.records):
+                # the server refuses these prompts at any rate: halving it would only lengthen the run
+                raise BenchError(f"[{name}] the server refused every request of the run at {rate:g} req/s "
+                                 f"({next(iter(summary['errors']))}); no rate can pass, so the sweep "
+                                 f"stops: change the workload or the server and run again")
             return summary, latency_samples_ms(result.records)
 
         if settings.sweep is None:

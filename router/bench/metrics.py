@@ -57,7 +57,8 @@ class RequestRecord:
 
     ``chunk_times``: arrival of every chunk that carried tokens. ``end``: arrival of the final
     chunk. ``error`` is set when the request failed (then the times are not used); ``lost``
-    when that failure may mean the server is gone (a lost or refused connection).
+    when that failure may mean the server is gone (a lost or refused connection), ``invalid``
+    when the server refused the request itself (too long a prompt, ...), whatever the load.
     """
 
     start: float
@@ -67,6 +68,7 @@ class RequestRecord:
     num_output_tokens: int = 0
     error: str | None = None
     lost: bool = False
+    invalid: bool = False
 
     @property
     def ok(self) -> bool:

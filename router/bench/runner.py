@@ -24,7 +24,8 @@ from typing import Any, Callable, Coroutine, TypeVar
 from router.bench.arrivals import LoadShape, arrival_offsets, paced
 from router.bench.metrics import RequestRecord
 from router.bench.workload import BenchRequest
-from router.client import AsyncClient, ClientTimeout, Unavailable
+from router.client import AsyncClient, ClientTimeout, ServerError, Unavailable
+from router.protocol import ERR_INVALID
 
 T = TypeVar("T")
 # Seconds the server may take to answer the status probe after a lost connection: a live
@@ -33,6 +34,8 @@ ALIVE_TIMEOUT_S = 5.0
 WATCH_INTERVAL_S = 5.0
 # Failures that may mean the server is gone (the openai backend raises ConnectionError).
 _LOST = (Unavailable, ConnectionError)
+# Error codes of a request refused for what it is, not for the load (the openai backend's are HTTP).
+_INVALID = (ERR_INVALID, "400", "413", "422")
 
 
 class ServerGone(RuntimeError):
@@ -72,6 +75,7 @@ async def send_request(client: AsyncClient, request: BenchRequest, sampling: dic
                 finish_reason = chunk.finish_reason
     except Exception as exc:  # any failure of one request is that request's result, not the run's
         record.lost = isinstance(exc, _LOST)
+        record.invalid = isinstance(exc, ServerError) and exc.code in _INVALID
         record.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         return record
     if finish_reason is None:

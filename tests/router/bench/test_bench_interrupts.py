@@ -1,6 +1,7 @@
 """The load test when its run is cut short: the server killed mid-run (the run stops within
-seconds with one clear line, instead of every later request waiting out its timeout) and
-Ctrl-C (the requests in flight are cancelled; the server keeps serving)."""
+seconds with one clear line, instead of every later request waiting out its timeout), Ctrl-C
+(the requests in flight are cancelled; the server keeps serving) and a rate sweep whose every
+request is refused (it stops at once instead of halving the rate for hours)."""
 import os
 import queue
 import signal
@@ -82,6 +83,22 @@ def test_ctrl_c_stops_the_run_and_cancels_its_requests(server):
             time.sleep(0.2)
         assert router["active"] == 0 and router["aborted"] >= 1, router
         assert len(client.complete(prompt_token_ids=[1, 2, 3], max_tokens=3, ignore_eos=True).token_ids) == 3
+
+
+def test_a_sweep_whose_every_request_is_refused_stops_at_its_first_run(server):
+    # halving the rate cannot help a prompt longer than the model's context (2048 for the demo
+    # model); 8 runs of 3 prompts at 10, 5, ... req/s would take over a minute (at the default
+    # 200 prompts from 1 req/s, 14 hours)
+    endpoint, _ = server
+    bench = _bench(endpoint, "--input-len", "3000", "--output-len", "2", "--num-prompts", "3",
+                   "--request-rate", "10", "--sweep-rate")
+    try:
+        _, err = bench.communicate(timeout=60)
+    finally:
+        _stop(bench)
+    assert bench.returncode == 1 and "Traceback" not in err, err
+    assert "the server refused every request of the run at 10 req/s (InvalidRequest" in err, err
+    assert "the sweep stops" in err
 
 
 def test_a_server_killed_mid_run_stops_the_run_with_one_clear_line(server):
