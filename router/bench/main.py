@@ -39,6 +39,7 @@ DEFAULT_TIMEOUT_S = 300.0
 MAX_REQUESTS = 10_000_000
 MAX_WORKLOAD_TOKENS = 100_000_000
 MAX_RUN_S = 86_400.0
+MAX_ERROR_LINES = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -214,8 +215,10 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
         try:
             status = await asyncio.wait_for(client.status(), CONNECT_TIMEOUT_S)
         except TimeoutError:  # asyncio's and the client's
-            raise BenchError(f"no answer from {endpoint} within {CONNECT_TIMEOUT_S:g} s: is a "
-                             f"pdserve server listening there? (start one with `pdserve serve`)") from None
+            what = ("a pdserve server's client endpoint" if settings.backend == "zmq" else
+                    "an OpenAI-compatible HTTP server (pdserve serve prints its HTTP address when ready)")
+            raise BenchError(f"no answer from {endpoint} within {CONNECT_TIMEOUT_S:g} s: is it {what}? "
+                             f"(start one with `pdserve serve`)") from None
         except ServerError as exc:
             raise BenchError(f"{endpoint} did not answer the status request: {exc}") from None
         except OSError as exc:  # the HTTP backends: nothing listening (the text names the URL)
@@ -311,6 +314,18 @@ def _check_output_path(option: str, path: str | None) -> None:
         target.unlink(missing_ok=True)
 
 
+def _log_errors(name: str, errors: dict[str, int], keep: bool) -> None:
+    """One line per error message, the most frequent first, at most MAX_ERROR_LINES: messages
+    that name a token id or a length differ per request, and would flood the terminal."""
+    messages = list(errors.items())
+    for message, count in messages[:MAX_ERROR_LINES]:
+        _log(f"[{name}] {count} request(s) failed: {message}")
+    if len(messages) > MAX_ERROR_LINES:
+        rest = messages[MAX_ERROR_LINES:]
+        _log(f"[{name}] {sum(count for _, count in rest)} more request(s) failed with {len(rest)} other "
+             f"message(s); {'the --json file lists' if keep else '--json PATH keeps'} them all")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the load test described by ``args`` (from ``add_arguments``); returns the exit status."""
     try:
@@ -360,8 +375,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(format_table(results))
     for result in results:
-        for message, count in result.summary["errors"].items():
-            _log(f"[{result.name}] {count} request(s) failed: {message}")
+        _log_errors(result.name, result.summary["errors"], keep=bool(args.json))
     if args.json:
         params = {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                   **_target_params(args, specs, endpoint), **settings.params()}

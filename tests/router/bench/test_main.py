@@ -105,3 +105,10 @@ def test_the_output_path_probe_leaves_no_file_behind(tmp_path):
     assert run(_args("--endpoint", "tcp://a", "--json", str(out), "--num-prompts", "0")) == 2
     assert run(_args("--endpoint", "tcp://a", "--json", str(out), "--plot", "/proc/x.png")) == 2
     assert not out.exists()
+
+
+def test_an_http_address_where_nothing_listens_is_named_once(capsys):
+    # nothing listens on port 1; the line used to say "cannot reach URL: cannot reach URL: ..."
+    assert run(_args("--backend", "openai", "--base-url", "http://127.0.0.1:1", "--num-prompts", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve bench: error: cannot reach http://127.0.0.1:1: ") and err.count("cannot reach") == 1
