@@ -40,6 +40,7 @@ MAX_REQUESTS = 10_000_000
 MAX_WORKLOAD_TOKENS = 100_000_000
 MAX_RUN_S = 86_400.0
 MAX_ERROR_LINES = 5
+MAX_INT32 = 2**31 - 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,10 +138,11 @@ class BenchSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchSettings":
-        for name in ("num_prompts", "vocab_size"):
+        for name in ("num_prompts", "vocab_size", "output_len"):
             value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            if value is not None and not 1 <= value <= MAX_INT32:  # numpy draws int64 lengths and ids
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer up to {MAX_INT32}, "
+                                 f"got {value}")
         if args.num_warmups < 0 or args.seed < 0:
             raise ValueError("--num-warmups and --seed must be integers >= 0")
         if not (math.isfinite(args.temperature) and args.temperature >= 0):
@@ -365,8 +367,9 @@ def run(args: argparse.Namespace) -> int:
         _log(f"pdserve bench: error: {exc} mid-run; {completed} of {exc.total} requests had completed. "
              f"No results written: check the server (pdserve status) and run again")
         return 1
-    except (ValueError, BenchError, OSError, RuntimeError) as exc:
-        # ValueError here: a bad dataset or --vocab-size, found once the server answered
+    except (ValueError, BenchError, OSError, RuntimeError, ServerError) as exc:
+        # ValueError here: a bad dataset or --vocab-size, found once the server answered;
+        # ServerError: nothing listens at the endpoint
         _log(f"pdserve bench: error: {exc}")
         return 2 if isinstance(exc, ValueError) else 1
     except KeyboardInterrupt:

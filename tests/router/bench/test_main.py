@@ -72,12 +72,14 @@ def test_settings_from_defaults_and_sweep_start():
     (["--endpoint", "tcp://a", "--json", "/proc/bench.json"], "--json /proc/bench.json cannot be written"),
     (["--endpoint", "tcp://a", "--plot", "/proc/bench.png"], "--plot /proc/bench.png cannot be written"),
     # sizes that would exhaust the memory or take forever before the first request
-    (["--endpoint", "tcp://a", "--num-prompts", "1000000000000"], "over the 10000000 requests"),
+    (["--endpoint", "tcp://a", "--num-prompts", "20000000"], "over the 10000000 requests"),
     (["--endpoint", "tcp://a", "--num-prompts", "100000", "--input-len", "100000"],
      "lower --num-prompts, --input-len or --prefix-len"),
     (["--endpoint", "tcp://a", "--request-rate", "1e-300"], "raise the rate or lower --num-prompts"),
     (["--endpoint", "tcp://a", "--timeout", "inf"], "--timeout must be a positive finite number"),
     (["--endpoint", "tcp://a", "--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--endpoint", "tcp://a", "--vocab-size", str(10**23)], "--vocab-size must be a positive integer up to"),
+    (["--endpoint", "tcp://a", "--output-len", str(10**23)], "--output-len must be a positive integer up to"),
 ])
 def test_bad_options_exit_2_with_a_message_before_connecting(argv, message, capsys):
     assert run(_args(*argv)) == 2
@@ -112,3 +114,10 @@ def test_an_http_address_where_nothing_listens_is_named_once(capsys):
     assert run(_args("--backend", "openai", "--base-url", "http://127.0.0.1:1", "--num-prompts", "1")) == 1
     err = capsys.readouterr().err
     assert err.startswith("pdserve bench: error: cannot reach http://127.0.0.1:1: ") and err.count("cannot reach") == 1
+
+
+def test_an_endpoint_where_nothing_listens_is_one_line_from_the_python_entry_point(capsys):
+    # the `pdserve` command caught the client's error, run() itself (python -m router.bench) did not
+    assert run(_args("--endpoint", "tcp://127.0.0.1:1", "--num-prompts", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve bench: error: unavailable: no router at tcp://127.0.0.1:1") and "Traceback" not in err
