@@ -11,7 +11,9 @@ error messages are kept for the summary.
 
 A watchdog asks the server for its status every ``WATCH_INTERVAL_S`` seconds of the run, and at
 once after a failure that may mean the server itself is gone (a lost or refused connection);
-when a status request goes unanswered for ``ALIVE_TIMEOUT_S`` the run stops (``ServerGone``)
+when a status request goes unanswered for ``ALIVE_TIMEOUT_S`` and no request heard from the
+server meanwhile (a router busy enough to answer status late is still streaming), the run stops
+(``ServerGone``)
 instead of sending the rest into the void, each request then waiting out its ``--timeout``.
 """
 from __future__ import annotations
@@ -55,9 +57,17 @@ class RunResult:
     duration_s: float
 
 
-async def send_request(client: AsyncClient, request: BenchRequest, sampling: dict[str, Any]) -> RequestRecord:
-    """Send one request, stream its answer, and record when each chunk arrived. Never raises
-    for a failed request: the record carries the error instead."""
+class Pulse:
+    """When a chunk last arrived for any request (perf_counter seconds): the server's pulse."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+
+async def send_request(client: AsyncClient, request: BenchRequest, sampling: dict[str, Any],
+                       pulse: Pulse | None = None) -> RequestRecord:
+    """Send one request, stream its answer, and record when each chunk arrived (and in
+    ``pulse``). Never raises for a failed request: the record carries the error instead."""
     record = RequestRecord(start=time.perf_counter(),
                            num_prompt_tokens=len(request.prompt_token_ids or ()))
     finish_reason = None
@@ -65,6 +75,8 @@ async def send_request(client: AsyncClient, request: BenchRequest, sampling: dic
         async for chunk in client.generate(request.prompt, prompt_token_ids=request.prompt_token_ids,
                                            max_tokens=request.output_len, **sampling):
             now = time.perf_counter()
+            if pulse is not None:
+                pulse.last = now
             if chunk.token_ids:
                 record.chunk_times.append(now)
                 record.num_output_tokens += len(chunk.token_ids)
@@ -102,6 +114,7 @@ async def run_load(client: AsyncClient, requests: list[BenchRequest], shape: Loa
     tasks: list[asyncio.Task[RequestRecord]] = []
 
     lost = asyncio.Event()
+    pulse = Pulse()
 
     def finished(task: asyncio.Task[RequestRecord]) -> None:
         if slots is not None:
@@ -117,14 +130,14 @@ async def run_load(client: AsyncClient, requests: list[BenchRequest], shape: Loa
         async for index in paced(offsets, start):
             if slots is not None:
                 await slots.acquire()
-            task = loop.create_task(send_request(client, requests[index], sampling))
+            task = loop.create_task(send_request(client, requests[index], sampling, pulse))
             task.add_done_callback(finished)
             tasks.append(task)
         return await asyncio.gather(*tasks)
 
     start = time.perf_counter()
     sender = loop.create_task(send_all())
-    watchdog = loop.create_task(_watch(client, lost))
+    watchdog = loop.create_task(_watch(client, lost, pulse))
     watchdog.add_done_callback(lambda done: _gone(done) and sender.cancel())
     try:
         records = await sender
@@ -146,7 +159,7 @@ def _gone(watchdog: asyncio.Task[str | None]) -> str | None:
     return None if watchdog.cancelled() else watchdog.result()
 
 
-async def _watch(client: AsyncClient, lost: asyncio.Event) -> str:
+async def _watch(client: AsyncClient, lost: asyncio.Event, pulse: Pulse) -> str:
     """Return why the server is gone, once it is (see the module docstring)."""
     while True:
         try:
@@ -154,8 +167,9 @@ async def _watch(client: AsyncClient, lost: asyncio.Event) -> str:
         except TimeoutError:
             pass
         lost.clear()
+        heard = pulse.last
         why = await _why_gone(client)
-        if why is not None:
+        if why is not None and pulse.last == heard:
             return why
 
 
