@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -36,13 +37,12 @@ def _wait_for(endpoint, bench, done):
             time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A demo server run by ``pdserve serve``; the last test kills it."""
-    tmp_path = tmp_path_factory.mktemp("serve")
+@contextmanager
+def _serve(tmp_path, *args):
+    """``pdserve serve`` of the demo model; yields (endpoint, process, ready line)."""
     endpoint = f"ipc://{tmp_path}/client.ipc"
-    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--model", "demo", "--no-http",
-                             "--mode", "colocated", "--workers", "1", "--enforce-eager", "--listen", endpoint],
+    proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--model", "demo", "--mode", "colocated",
+                             "--workers", "1", "--enforce-eager", "--listen", endpoint, *args],
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True,
                             start_new_session=True)
     try:
@@ -50,13 +50,20 @@ def server(tmp_path_factory):
         threading.Thread(target=read_lines, args=(proc.stdout, lines), daemon=True).start()
         line = lines.get(timeout=240)
         assert line is not None and "ready" in line, log_tail(tmp_path)
-        yield endpoint, proc
+        yield endpoint, proc, line
     finally:
         try:  # the serve process and its workers
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A demo server without HTTP; the last test kills it."""
+    with _serve(tmp_path_factory.mktemp("serve"), "--no-http") as (endpoint, proc, _):
+        yield endpoint, proc
 
 
 def _stop(proc):
@@ -115,4 +122,23 @@ def test_a_server_killed_mid_run_stops_the_run_with_one_clear_line(server):
         _stop(bench)
     assert bench.returncode == 1, err
     assert "Traceback" not in err and "the server stopped answering" in err, err
+    assert "mid-run;" in err and "of 2000 requests had completed" in err, err
+
+
+def test_an_http_server_killed_mid_run_stops_the_openai_backend_too(tmp_path):
+    # its requests then fail at once (connection refused); the run used to go on sending the rest
+    with _serve(tmp_path, "--port", "0") as (endpoint, proc, line):
+        base_url = line.split("http ")[1].split()[0]
+        bench = subprocess.Popen([sys.executable, "-m", "router.bench", "--backend", "openai", "--base-url",
+                                  base_url, "--no-progress", "--num-warmups", "0", "--input-len", "8",
+                                  "--output-len", "4", "--num-prompts", "2000", "--request-rate", "20"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _wait_for(endpoint, bench, lambda router: router["finished"] >= 3)
+            os.killpg(proc.pid, signal.SIGKILL)  # the HTTP gateway runs in the serve process
+            _, err = bench.communicate(timeout=60)
+        finally:
+            _stop(bench)
+    assert bench.returncode == 1, err
+    assert "Traceback" not in err and "the server is gone (cannot reach " + base_url in err, err
     assert "mid-run;" in err and "of 2000 requests had completed" in err, err
