@@ -345,6 +345,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--base-url is for --backend openai or openai-chat")
         else:
             endpoint = None if specs else args.endpoint or default_endpoint("client")
+        if args.tp < 1:  # else every spawned worker would fail on it, one usage text each
+            raise ValueError(f"--tp must be a positive integer, got {args.tp}")
         if not specs and (args.tp != 1 or args.kv_transport != "auto"
                           or (args.model and args.backend == "zmq")):
             raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "

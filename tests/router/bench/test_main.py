@@ -78,6 +78,7 @@ def test_settings_from_defaults_and_sweep_start():
     (["--endpoint", "tcp://a", "--request-rate", "1e-300"], "raise the rate or lower --num-prompts"),
     (["--endpoint", "tcp://a", "--timeout", "inf"], "--timeout must be a positive finite number"),
     (["--endpoint", "tcp://a", "--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--spawn", "colocated:1", "--tp", "0"], "--tp must be a positive integer, got 0"),
     (["--endpoint", "tcp://a", "--vocab-size", str(10**23)], "--vocab-size must be a positive integer up to"),
     (["--endpoint", "tcp://a", "--output-len", str(10**23)], "--output-len must be a positive integer up to"),
 ])
