@@ -240,9 +240,11 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
         async def measure(rate: float, prompts: list[BenchRequest]) -> tuple[dict, dict]:
             shape = settings.shape.with_rate(rate)
             bar = ProgressBar(len(prompts), f"[{name} {shape.describe()}] ", enabled=settings.progress)
-            result = await run_load(client, prompts, shape, settings.seed, settings.sampling,
-                                    on_done=lambda record: bar.update(not record.ok))
-            bar.close()
+            try:
+                result = await run_load(client, prompts, shape, settings.seed, settings.sampling,
+                                        on_done=lambda record: bar.update(not record.ok))
+            finally:  # an error line after a cut-short run starts on a line of its own
+                bar.close()
             summary = summarize(result.records, result.duration_s, settings.slo)
             summary.update(request_rate=rate, model=model, vocab_size=vocab_size,
                            errors=error_counts(result.records))
