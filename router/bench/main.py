@@ -6,8 +6,10 @@ For each configuration: connect, read the model's vocabulary size from the serve
 ``--sweep-rate``, a search for the highest rate meeting the SLO attainment target). Finally one
 comparison table on stdout, and the ``--json`` / ``--plot`` files.
 
-Exit status: 0 when every configuration completed at least one request, 1 when one did not or
-the server could not be reached or started, 2 for bad options.
+Exit status: 0 when every configuration completed at least one request, 1 when one did not,
+the server could not be reached or started, or it went away mid-run (the run stops within
+seconds, see runner.py), 2 for bad options (the output paths included: checked before the run),
+130 on Ctrl-C (the requests in flight are cancelled; nothing is written).
 """
 from __future__ import annotations
 
