@@ -125,10 +125,14 @@ def test_a_server_killed_mid_run_stops_the_run_with_one_clear_line(server):
     assert "mid-run;" in err and "of 2000 requests had completed" in err, err
 
 
-def test_an_http_server_killed_mid_run_stops_the_openai_backend_too(tmp_path):
+def test_an_unserved_model_and_an_http_server_killed_mid_run_with_the_openai_backend(tmp_path):
     # its requests then fail at once (connection refused); the run used to go on sending the rest
     with _serve(tmp_path, "--port", "0") as (endpoint, proc, line):
         base_url = line.split("http ")[1].split()[0]
+        # a model the server does not serve is named at once, not in a 404 per request
+        wrong = subprocess.run([sys.executable, "-m", "router.bench", "--backend", "openai", "--base-url", base_url,
+                                "--model", "nope", "--num-prompts", "2"], capture_output=True, text=True, timeout=60)
+        assert wrong.returncode == 2 and "--model nope is not served at" in wrong.stderr, wrong.stderr
         bench = subprocess.Popen([sys.executable, "-m", "router.bench", "--backend", "openai", "--base-url",
                                   base_url, "--no-progress", "--num-warmups", "0", "--input-len", "8",
                                   "--output-len", "4", "--num-prompts", "2000", "--request-rate", "20"],
