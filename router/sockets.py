@@ -119,6 +119,7 @@ class LoopSocket:
         self._monitor: zmq.Socket | None = None
         self._fd_peer: dict[int, bytes] = {}
         self._fd_stale: dict[int, int] = {}
+        self._fd_gone: dict[int, bytes] = {}  # the last peer known gone from each descriptor
         self._watch = HandshakeWatch()
         if on_disconnect is not None:
             self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED if self._is_router else _PEER_EVENTS)
@@ -213,7 +214,8 @@ class LoopSocket:
                 return
             if track:
                 raw = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                self._note_peer(raw[0].bytes, raw[-1].get(zmq.SRCFD))
+                if not self._note_peer(raw[0].bytes, raw[-1].get(zmq.SRCFD)):
+                    continue  # from a connection already closed: nobody is there to answer
                 frames = [frame.bytes for frame in raw]
             else:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -234,16 +236,27 @@ class LoopSocket:
             self._pending.popleft()
 
     # -- peer tracking (ROUTER with on_disconnect) -----------------------------------------
-    def _note_peer(self, peer: bytes, fd: int) -> None:
+    def _note_peer(self, peer: bytes, fd: int) -> bool:
+        """Tie a message to its connection's descriptor. False when the message came from a
+        connection already closed (messages can wait in zmq after their connection went, even
+        behind the first messages of the connection that reused the descriptor)."""
         known = self._fd_peer.get(fd)
         if known == peer:
-            return
+            return True
+        # A descriptor is reused only after its connection closed, and libzmq posts that
+        # closure before the new connection exists: read it before judging who this is.
+        self._drain_monitor(self._monitor)  # type: ignore[arg-type]
+        known = self._fd_peer.get(fd)
+        if _older(peer, known) or peer == self._fd_gone.get(fd) or _older(peer, self._fd_gone.get(fd)):
+            return False
         if known is not None:
             # The descriptor was reused, so the old connection is closed; its DISCONNECTED
             # event may still be on its way and must not be charged to the new peer.
             self._fd_stale[fd] = self._fd_stale.get(fd, 0) + 1
+            self._fd_gone[fd] = known
             self._peer_gone(known)
         self._fd_peer[fd] = peer
+        return True
 
     def _drain_monitor(self, monitor: zmq.Socket) -> None:
         while monitor.get(zmq.EVENTS) & zmq.POLLIN:
@@ -257,6 +270,7 @@ class LoopSocket:
                 continue
             peer = self._fd_peer.pop(fd, None)
             if peer is not None:
+                self._fd_gone[fd] = peer
                 self._peer_gone(peer)
 
     @property
@@ -287,6 +301,14 @@ class LoopSocket:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
         self.sock.close(linger=linger_ms)
+
+
+def _older(peer: bytes, other: bytes | None) -> bool:
+    """Whether ``peer`` connected before ``other``: a ROUTER names each connection whose peer
+    set no routing id ``b"\\0"`` + a big-endian counter, so those names sort in connection order.
+    Names a peer chose itself tell nothing (False)."""
+    return (other is not None and len(peer) == len(other) == 5 and peer[0] == other[0] == 0
+            and peer < other)
 
 
 def prepare_ipc_endpoint(endpoint: str) -> None:

@@ -75,3 +75,26 @@ def test_a_streak_needs_silent_failures_in_a_row():
     assert feed(short + ["garbage"]) == ([HANDSHAKE_FAILED], HANDSHAKE_FAILED)
     assert feed(["mismatch"] + short + ["garbage", "denied"]) == ([AUTH_FAILED], AUTH_FAILED)
     assert feed(["denied", "handshake", "drop", "bad box"]) == ([AUTH_FAILED, b"", AUTH_FAILED], AUTH_FAILED)
+
+
+def test_a_late_message_from_a_closed_connection_never_marks_the_descriptors_new_peer_gone():
+    """zmq can deliver a closed connection's last messages after the first ones of the
+    connection that reused its descriptor: they are dropped, and only the old peer is gone."""
+    async def run():
+        gone = []
+        ctx = zmq.Context()
+        sock = LoopSocket(ctx.socket(zmq.ROUTER), lambda frames: None, on_disconnect=gone.append)
+        first, second = b"\0\0\0\0\x01", b"\0\0\0\0\x02"
+        try:
+            assert sock._note_peer(first, 12) and gone == []
+            assert sock._note_peer(second, 12) and gone == [first]  # the descriptor was reused
+            assert not sock._note_peer(first, 12)  # a message still queued from the first
+            assert sock._note_peer(second, 12) and gone == [first]
+            # Names a peer chose itself carry no order: the peer last seen gone stays gone.
+            assert sock._note_peer(b"worker-a", 13) and sock._note_peer(b"worker-b", 13)
+            assert not sock._note_peer(b"worker-a", 13) and gone == [first, b"worker-a"]
+        finally:
+            sock.close()
+            ctx.term()
+    asyncio.run(run())
+
