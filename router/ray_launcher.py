@@ -46,6 +46,7 @@ from pathlib import Path
 from router.config import RouterConfig
 from router.launcher import THREADS_ENV, ClusterError
 from router.ray_actor import actor_class, import_ray
+from router.scaling import check_counts
 from router.security import check_bind, is_local_endpoint
 
 log = logging.getLogger("pdserve.ray")
@@ -260,10 +261,8 @@ class RayCluster:
     # -- Scaler (called on the router's loop) --------------------------------------------------
     def scale(self, num_prefill: int | None, num_decode: int | None) -> dict:
         """Start or drain workers so that each role has its count (None: unchanged)."""
+        check_counts(num_prefill, num_decode)
         wanted = {"prefill": num_prefill, "decode": num_decode}
-        for role, n in wanted.items():
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-                raise ValueError(f"--{role} must be a positive integer, got {n!r}")
         router = self._router_thread.router
         added, draining = [], []
         for role, n in wanted.items():

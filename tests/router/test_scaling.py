@@ -5,9 +5,12 @@ import asyncio
 import random
 
 import pytest
+import zmq
 
-from router.client import AsyncClient, Client, InvalidRequest
+from router import protocol as P
+from router.client import AsyncClient, Client, InternalError, InvalidRequest
 from router.launcher import LocalCluster
+from router.scaling import MAX_WORKERS_PER_ROLE
 from tests.e2e.helpers import greedy_reference, wait_all_blocks_free
 from tests.router.helpers import make_router
 from tests.tiny_models import make_tiny_checkpoint
@@ -107,5 +110,42 @@ def test_draining_an_unknown_worker_is_refused(tmp_path):
     try:
         with pytest.raises(ValueError, match="no live worker 'decode-9'"):
             router.call(router.router.drainer.drain, "decode-9", 1.0, print)
+    finally:
+        router.stop()
+
+
+class _FailingLauncher:
+    """A launcher whose ``scale`` breaks (its cluster manager is gone, say): the ``Scaler``
+    interface as the router sees it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def scale(self, num_prefill, num_decode):
+        self.calls.append((num_prefill, num_decode))
+        raise RuntimeError("the cluster manager is unreachable")
+
+
+def test_scale_is_answered_when_the_launcher_fails_and_counts_are_checked_first(tmp_path):
+    router = make_router(tmp_path)
+    launcher = _FailingLauncher()
+    router.call(setattr, router.router, "scaler", launcher)
+    try:
+        # The launcher's failure is an answer, not a dropped message the client waits out.
+        with Client(f"ipc://{tmp_path}/c.ipc", timeout=20) as client:
+            with pytest.raises(InternalError, match="the launcher failed to scale the cluster: "
+                               "RuntimeError.*unreachable.*pdserve status"):
+                client.scale(decode=2)
+        # Counts the client would refuse, sent raw: the router checks them before the launcher.
+        with zmq.Context() as ctx:
+            sock = ctx.socket(zmq.DEALER)
+            sock.connect(f"ipc://{tmp_path}/c.ipc")
+            sock.send(P.encode(P.ScaleRequest("r", 10**9, None)))
+            assert sock.poll(20_000), "no answer to a scale request for 10**9 workers"
+            reply = P.decode(sock.recv())
+            sock.close(0)
+        assert isinstance(reply, P.Error) and reply.code == P.ERR_INVALID
+        assert f"--prefill 1000000000 is over the {MAX_WORKERS_PER_ROLE} workers per role" in reply.message
+        assert launcher.calls == [(None, 2)]
     finally:
         router.stop()
