@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import socket
 import threading
 import time
@@ -154,7 +155,7 @@ class RayCluster:
         Raises ValueError (bad options, no Ray) or ClusterError (workers did not register)."""
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.ray.address, include_dashboard=False, log_to_driver=True)
+            _init_keeping_signal_handlers(ray, self.ray.address)
             self._owns_ray = True
         try:
             self._start_router()
@@ -308,3 +309,17 @@ class RayCluster:
         if self._owns_ray:
             import_ray().shutdown()
             self._owns_ray = False
+
+
+def _init_keeping_signal_handlers(ray, address: str) -> None:
+    """``ray.init`` replaces this process's SIGTERM handler with one that exits with status 15
+    after dumping a stack trace: keep ours (``pdserve serve`` stops its cluster on SIGTERM and
+    exits 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)

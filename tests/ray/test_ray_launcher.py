@@ -226,6 +226,37 @@ def test_concurrent_random_scaling_while_serving_ends_as_the_last_request(pd_clu
     wait_until(lambda: not any(pid_alive(pid) for pid in pids_seen - kept), "removed workers' processes exiting")
 
 
+
+def test_serve_on_ray_stops_cleanly_on_sigterm_while_a_scale_up_is_under_way(ray_nodes, tiny_model, tmp_path):
+    """``pdserve serve --launcher ray`` keeps its own SIGTERM handling (Ray's would exit 15
+    with a stack dump): SIGTERM while added workers are still being placed exits 0, and no
+    worker process outlives it."""
+    import os
+    import signal
+
+    for _ in range(2):  # its own prefill and decode, beside the shared cluster's
+        ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+    endpoint = f"ipc://{tmp_path}/c.ipc"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--launcher", "ray",
+                                 "--ray-address", ray_nodes.address, "--model", str(tiny_model), "--listen",
+                                 endpoint, "--no-http", "--num-kv-blocks", "64"],
+                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    try:
+        assert "pdserve ready" in proc.stdout.readline(), (tmp_path / "serve.log").read_text()[-3000:]
+        with Client(endpoint, timeout=60) as client:
+            pids = [w["pid"] for w in client.status()["workers"]]
+            result = client.scale(prefill=2, decode=3)  # more than the free CPUs: some stay pending
+            assert sorted(result["added"]) == ["decode-1", "decode-2", "prefill-1"], result
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "SIGTERM received" not in (tmp_path / "serve.log").read_text()
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), "the served workers' processes exiting", 60)
+
 def test_tensor_parallel_worker_is_one_actor_per_rank_and_restarts_as_a_group(ray_nodes, tiny_model, workload):
     """TP 2: ranks are actors in one placement group on one node; a killed rank-1 actor takes
     the whole group down and Ray brings it back; output still matches transformers."""
