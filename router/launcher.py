@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.config import RouterConfig
+from router.scaling import check_count
 from router.security import check_bind
 from router.supervisor import Supervisor, SupervisorConfig
 
@@ -93,8 +94,7 @@ class LocalCluster:
         counts = {"--prefill": num_prefill, "--decode": num_decode} if mode == "disagg" \
             else {"--workers": num_workers}
         for flag, n in counts.items():
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {n!r}")
+            check_count(flag, n)  # before building a list of that many roles
         if listen is not None:
             check_bind(listen, curve_dir, "--listen")
         self.mode = mode

@@ -47,7 +47,7 @@ from pathlib import Path
 from router.config import RouterConfig
 from router.launcher import THREADS_ENV, ClusterError
 from router.ray_actor import actor_class, import_ray
-from router.scaling import check_counts
+from router.scaling import check_count, check_counts
 from router.security import check_bind, is_local_endpoint
 
 log = logging.getLogger("pdserve.ray")
@@ -111,9 +111,8 @@ class RayCluster:
                  backend: str | None = None, curve_dir: str | None = None, ray: RayOptions | None = None,
                  router_options: dict | None = None, startup_timeout_s: float = 300.0,
                  worker_args: tuple[str, ...] = (), env: dict | None = None, http=None):
-        for flag, n in (("--prefill", num_prefill), ("--decode", num_decode)):
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {n!r}")
+        check_count("--prefill", num_prefill)
+        check_count("--decode", num_decode)
         self.ray = ray or RayOptions()
         self.engine = {"model": model, "tp": tp, "dtype": dtype, "device": device,
                        "max_model_len": max_model_len, "block_size": block_size,

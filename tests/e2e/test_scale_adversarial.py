@@ -116,3 +116,22 @@ def test_status_and_scale_with_nothing_listening_say_so_in_one_line(tmp_path):
     for command, extra in (("status", []), ("scale", ["--decode", "2"])):
         out = _cli(command, "--endpoint", f"ipc://{tmp_path}/nobody.ipc", "--timeout", "5", *extra)
         _one_clear_line(out, command, "no router at")
+
+
+def _limit_memory() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # a regression fails, not swaps
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--prefill", "1000000000"], f"--prefill 1000000000 is over the {MAX_WORKERS_PER_ROLE} workers"),
+    (["--decode", str(10**30)], f"is over the {MAX_WORKERS_PER_ROLE} workers"),
+    (["--mode", "colocated", "--workers", "1000000000"], "--workers 1000000000 is over"),
+    (["--decode", "0"], "--decode must be a positive integer"),
+])
+def test_serve_refuses_absurd_worker_counts_before_starting_anything(tmp_path, args, expected):
+    out = subprocess.run([sys.executable, "-m", "router.cli", "serve", "--no-http", "--model", "demo",
+                          "--listen", f"ipc://{tmp_path}/c.ipc", *args], capture_output=True, text=True,
+                         timeout=120, preexec_fn=_limit_memory)
+    _one_clear_line(out, "serve", expected)
+    assert not list(tmp_path.iterdir())  # no socket bound, nothing started
