@@ -11,6 +11,7 @@ from router import protocol as P
 from router.client import AsyncClient, Client, InternalError, InvalidRequest
 from router.launcher import LocalCluster
 from router.scaling import MAX_WORKERS_PER_ROLE
+from router.status_table import format_status
 from tests.e2e.helpers import greedy_reference, wait_all_blocks_free
 from tests.router.helpers import make_router
 from tests.tiny_models import make_tiny_checkpoint
@@ -45,13 +46,15 @@ async def _run(endpoint, prompts, during):
         return await asyncio.gather(*(one(client, p) for p in prompts))
 
 
-def _drain(cluster, timeout_s, drained, held):
+def _drain(cluster, timeout_s, drained, held, tables=None):
     """Drain the decode worker that holds the most requests right now."""
+    tables = [] if tables is None else tables
     def start(router):
         decodes = [w for w in router.registry.alive() if w.role == "decode"]
         worker = max(decodes, key=router.drainer.holds)
         held.append((worker.worker_id, router.drainer.holds(worker)))
         router.drainer.drain(worker.worker_id, timeout_s, drained.append)
+        tables.append(format_status(router.status()))  # what `pdserve status` shows meanwhile
     return lambda: cluster._router_thread.call(start, cluster._router_thread.router)
 
 
@@ -66,10 +69,12 @@ def test_drain_finishes_in_place_or_fails_over_past_the_deadline(tiny_model):
     with LocalCluster(str(tiny_model), num_prefill=1, num_decode=2, num_kv_blocks=256) as cluster:
         # In place: the drained worker finishes every request it holds, then exits on the
         # router's Shutdown.
-        drained, held = [], []
-        outputs = asyncio.run(_run(cluster.endpoint, prompts, _drain(cluster, 120, drained, held)))
+        drained, held, tables = [], [], []
+        outputs = asyncio.run(_run(cluster.endpoint, prompts, _drain(cluster, 120, drained, held, tables)))
         (victim, num_held), = held
         assert outputs == reference and num_held > 0
+        rows = {line.split()[0]: line for line in tables[0].splitlines()[2:] if line.strip()}
+        assert rows[victim].endswith("draining") and not rows["prefill-0"].endswith("draining"), tables[0]
         (other,) = {"decode-0", "decode-1"} - {victim}
         assert _process(cluster, victim).wait(60) == 0  # told to shut down, not killed
         assert drained == [victim]
