@@ -218,7 +218,7 @@ class Router:
     def _scale(self, client: bytes, msg: P.ScaleRequest) -> None:
         if self.scaler is None:
             self.error(client, msg.rid, P.ERR_INVALID, "this router cannot start or stop workers; "
-                       "scale a cluster started with `pdserve serve --launcher ray`")
+                       "scale a cluster started with `pdserve serve` (without --router-process)")
             return
         try:
             check_counts(msg.num_prefill, msg.num_decode)

@@ -1,9 +1,10 @@
 """Scaling and status driven the way an outside user or a hostile checker would, through the
 public interfaces only (``pdserve serve``, ``pdserve scale``, ``pdserve status``, ``Client``):
 bad counts from several clients in a random order while streams run, then a dead worker in the
-status table. Every bad call gets one clear line (a non-zero exit for the CLI), the cluster
-does not change, and the streams running meanwhile are exactly an undisturbed greedy run.
-The ``serve`` fixture then SIGTERMs the server and checks no worker process outlives it."""
+status table; good counts from several clients at once while streams run, then SIGTERM during
+a scale-up. Every bad call gets one clear line (a non-zero exit for the CLI) and changes
+nothing; the streams running meanwhile are exactly an undisturbed greedy run; the cluster ends
+with a last request's counts; no worker process outlives its removal or the server."""
 import os
 import random
 import signal
@@ -16,12 +17,12 @@ import pytest
 
 from router.client import Client, InvalidRequest
 from router.scaling import MAX_WORKERS_PER_ROLE
-from tests.e2e.helpers import greedy_reference, serve, wait_all_blocks_free
+from tests.e2e.helpers import greedy_reference, pid_alive, serve, wait_all_blocks_free
 
 pytestmark = pytest.mark.slow
 
 # (keyword arguments, what the error must say): wrong types, zero, negative, absurd and
-# unencodable counts. A local cluster cannot scale at all, so good counts are refused too.
+# unencodable counts.
 BAD_CALLS = [
     ({"decode": 0}, "--decode must be a positive integer"),
     ({"prefill": -1}, "--prefill must be a positive integer"),
@@ -31,13 +32,11 @@ BAD_CALLS = [
     ({"prefill": [1]}, "--prefill must be a positive integer"),
     ({"prefill": 10**9}, f"over the {MAX_WORKERS_PER_ROLE} workers per role"),
     ({"decode": 10**30}, f"over the {MAX_WORKERS_PER_ROLE} workers per role"),
-    ({"prefill": 2, "decode": 3}, "cannot start or stop workers"),
 ]
 CLI_CALLS = [(["--decode", "0"], "--decode must be a positive integer"),
              (["--prefill", "-3"], "--prefill must be a positive integer"),
              (["--prefill", "1000000000"], f"over the {MAX_WORKERS_PER_ROLE} workers per role"),
-             (["--decode", str(10**30)], f"over the {MAX_WORKERS_PER_ROLE} workers per role"),
-             (["--decode", "2"], "cannot start or stop workers")]
+             (["--decode", str(10**30)], f"over the {MAX_WORKERS_PER_ROLE} workers per role")]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -135,3 +134,80 @@ def test_serve_refuses_absurd_worker_counts_before_starting_anything(tmp_path, a
                          timeout=120, preexec_fn=_limit_memory)
     _one_clear_line(out, "serve", expected)
     assert not list(tmp_path.iterdir())  # no socket bound, nothing started
+
+
+def _live(client) -> tuple[int, int]:
+    workers = [w for w in client.status()["workers"] if w["alive"] and not w.get("draining")]
+    return sum(w["role"] == "prefill" for w in workers), sum(w["role"] == "decode" for w in workers)
+
+
+def _wait(predicate, what: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout_s}s"
+        time.sleep(0.2)
+
+
+def test_concurrent_random_scaling_while_streaming_then_sigterm_mid_scale(tmp_path, tiny_model):
+    rng = random.Random(12)
+    prompts = [[rng.randrange(1, 250) for _ in range(rng.randrange(3, 12))] for _ in range(6)]
+    reference = greedy_reference(tiny_model, prompts, 96)
+    with serve(tmp_path, "--model", str(tiny_model), "--num-kv-blocks", "128", "--drain-timeout", "60") \
+            as (endpoint, _proc):
+        outputs: dict[int, list[int]] = {}
+        last: dict[int, tuple[int, int]] = {}
+        pids_seen: set[int] = set()
+        errors: list[BaseException] = []
+
+        def stream(i: int) -> None:
+            try:
+                with Client(endpoint, timeout=180) as own:
+                    outputs[i] = [t for chunk in own.generate(prompt_token_ids=prompts[i], max_tokens=96,
+                                                              temperature=0) for t in chunk.token_ids]
+            except BaseException as exc:  # re-raised in the test's thread below
+                errors.append(exc)
+
+        def scaler(seed: int) -> None:
+            calls = random.Random(seed)
+            try:
+                with Client(endpoint, timeout=60) as own:
+                    for _ in range(3):
+                        wanted = (calls.randint(1, 2), calls.randint(1, 2))
+                        result = own.scale(prefill=wanted[0], decode=wanted[1])
+                        assert (result["prefill"], result["decode"]) == wanted, result
+                        last[seed] = wanted
+                        pids_seen.update(w["pid"] for w in own.status()["workers"] if w["pid"])
+                        time.sleep(calls.uniform(0.2, 1.5))
+            except BaseException as exc:  # re-raised in the test's thread below
+                errors.append(exc)
+
+        threads = ([threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+                   + [threading.Thread(target=scaler, args=(seed,)) for seed in range(3)])
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        assert not any(thread.is_alive() for thread in threads) and not errors, errors
+        assert [outputs[i] for i in range(len(prompts))] == reference
+
+        with Client(endpoint, timeout=60) as client:
+            counts = client.scale()  # no count: the counts in force
+            final = (counts["prefill"], counts["decode"])
+            assert final in last.values(), (final, last)
+            _wait(lambda: _live(client) == final and len(client.status()["workers"]) == sum(final),
+                  f"exactly {final} workers")
+            assert client.status()["router"]["failed"] == 0
+            wait_all_blocks_free(client)
+
+            out = _cli("scale", "--endpoint", endpoint, "--prefill", "1", "--decode", "1")
+            assert out.returncode == 0 and out.stdout.startswith("prefill 1  decode 1  added"), out
+            _wait(lambda: len(client.status()["workers"]) == 2, "the scale-down to 1 + 1")
+            kept = {w["pid"] for w in client.status()["workers"]}
+            _wait(lambda: not any(pid_alive(pid) for pid in pids_seen - kept), "removed workers exiting", 60)
+            assert [t for chunk in client.generate(prompt_token_ids=prompts[0], max_tokens=96, temperature=0)
+                    for t in chunk.token_ids] == reference[0]
+
+            # SIGTERM (by the fixture, on leaving) while added workers are still starting.
+            assert len(client.scale(prefill=2, decode=3)["added"]) == 3
+    leftovers = subprocess.run(["pgrep", "-f", f"router.cli worker.*{tiny_model}"], capture_output=True, text=True)
+    assert not leftovers.stdout.strip(), f"worker processes outlived pdserve serve: {leftovers.stdout}"

@@ -104,7 +104,7 @@ def test_scale_needs_a_launcher_that_can_start_workers(tmp_path):
     router = make_router(tmp_path)
     try:
         with Client(f"ipc://{tmp_path}/c.ipc", timeout=10) as client:
-            with pytest.raises(InvalidRequest, match="--launcher ray"):
+            with pytest.raises(InvalidRequest, match="pdserve serve. .without --router-process"):
                 client.scale(prefill=2)
     finally:
         router.stop()
