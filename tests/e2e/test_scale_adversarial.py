@@ -17,7 +17,7 @@ import pytest
 
 from router.client import Client, InvalidRequest
 from router.scaling import MAX_WORKERS_PER_ROLE
-from tests.e2e.helpers import greedy_reference, pid_alive, serve, wait_all_blocks_free
+from tests.e2e.helpers import greedy_reference, log_tail, pid_alive, serve, wait_all_blocks_free
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +161,7 @@ def test_concurrent_random_scaling_while_streaming_then_sigterm_mid_scale(tmp_pa
 
         def stream(i: int) -> None:
             try:
-                with Client(endpoint, timeout=180) as own:
+                with Client(endpoint, timeout=90) as own:
                     outputs[i] = [t for chunk in own.generate(prompt_token_ids=prompts[i], max_tokens=96,
                                                               temperature=0) for t in chunk.token_ids]
             except BaseException as exc:  # re-raised in the test's thread below
@@ -187,7 +187,7 @@ def test_concurrent_random_scaling_while_streaming_then_sigterm_mid_scale(tmp_pa
             thread.start()
         for thread in threads:
             thread.join(300)
-        assert not any(thread.is_alive() for thread in threads) and not errors, errors
+        assert not any(thread.is_alive() for thread in threads) and not errors, (errors, log_tail(tmp_path))
         assert [outputs[i] for i in range(len(prompts))] == reference
 
         with Client(endpoint, timeout=60) as client:
