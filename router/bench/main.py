@@ -6,8 +6,10 @@ For each configuration: connect, read the model's vocabulary size from the serve
 ``--sweep-rate``, a search for the highest rate meeting the SLO attainment target). Finally one
 comparison table on stdout, and the ``--json`` / ``--plot`` files.
 
-Exit status: 0 when every configuration completed at least one request, 1 when one did not or
-the server could not be reached or started, 2 for bad options.
+Exit status: 0 when every configuration completed at least one request, 1 when one did not,
+the server could not be reached or started, or it went away mid-run (the run stops within
+seconds, see runner.py), 2 for bad options (the output paths included: checked before the run),
+130 on Ctrl-C (the requests in flight are cancelled; nothing is written).
 """
 from __future__ import annotations
 
@@ -24,16 +26,23 @@ from router.bench.metrics import SLO, error_counts, latency_samples_ms, summariz
 from router.bench.report import (ConfigResult, PlotUnavailable, ProgressBar, check_plot_available,
                                  format_table, plot_results, results_json, write_json)
 from router.bench.openai_client import BACKENDS, OpenAIClient
-from router.bench.runner import reported_vocab_size, run_event_loop, run_load, warm_up
+from router.bench.runner import ServerGone, reported_vocab_size, run_event_loop, run_load, warm_up
 from router.bench.spawn import ClusterSpec, parse_cluster_specs, spawned_cluster
 from router.bench.sweep import SweepConfig, find_max_rate
-from router.bench.workload import BenchRequest, WorkloadConfig, build_workload
+from router.bench.workload import BenchRequest, WorkloadConfig, build_workload, length_range
 from router.client import AsyncClient, ServerError
 from router.config import KV_TRANSPORTS, default_endpoint
 
 CONNECT_TIMEOUT_S = 30.0
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT_S = 300.0
+# Every prompt is built before the run (workload.py): past these a typo like --num-prompts 1e12
+# would exhaust the memory (or a day) before the first request goes out.
+MAX_REQUESTS = 10_000_000
+MAX_WORKLOAD_TOKENS = 100_000_000
+MAX_RUN_S = 86_400.0
+MAX_ERROR_LINES = 5
+MAX_INT32 = 2**31 - 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,24 +140,27 @@ class BenchSettings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "BenchSettings":
-        for name in ("num_prompts", "vocab_size"):
+        for name in ("num_prompts", "vocab_size", "output_len"):
             value = getattr(args, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            if value is not None and not 1 <= value <= MAX_INT32:  # numpy draws int64 lengths and ids
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer up to {MAX_INT32}, "
+                                 f"got {value}")
         if args.num_warmups < 0 or args.seed < 0:
             raise ValueError("--num-warmups and --seed must be integers >= 0")
-        if not args.temperature >= 0:
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        if not args.timeout > 0:
-            raise ValueError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+        if not (math.isfinite(args.temperature) and args.temperature >= 0):
+            raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+        if not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise ValueError(f"--timeout must be a positive finite number of seconds, got {args.timeout}")
         shape = LoadShape(args.request_rate, args.burstiness, args.max_concurrency)
+        workload = WorkloadConfig(args.input_len, args.output_len, args.range_ratio, args.prefix_len,
+                                  args.dataset)
+        _check_size(args.num_prompts, args.num_warmups, workload, shape.request_rate)
         sweep = None
         if args.sweep_rate:
             start = args.request_rate if math.isfinite(args.request_rate) else 1.0
             sweep = SweepConfig(start_rate=start, target=args.slo_target, max_runs=args.sweep_max_runs)
         return cls(shape=shape,
-                   workload=WorkloadConfig(args.input_len, args.output_len, args.range_ratio,
-                                           args.prefix_len, args.dataset),
+                   workload=workload,
                    slo=SLO(args.slo_ttft_ms, args.slo_tpot_ms), sweep=sweep,
                    num_prompts=args.num_prompts, num_warmups=args.num_warmups, seed=args.seed,
                    sampling={"temperature": args.temperature, "ignore_eos": args.ignore_eos},
@@ -165,6 +177,24 @@ class BenchSettings:
                 "dataset": self.workload.dataset, **self.sampling, "seed": self.seed,
                 "num_warmups": self.num_warmups, "slo_ttft_ms": self.slo.ttft_ms,
                 "slo_tpot_ms": self.slo.tpot_ms, "slo_target": self.sweep.target if self.sweep else None}
+
+
+def _check_size(num_prompts: int, num_warmups: int, workload: WorkloadConfig, rate: float) -> None:
+    """Refuse a run too big to prepare or too slow to finish, before anything is built."""
+    if num_prompts + num_warmups > MAX_REQUESTS:
+        raise ValueError(f"--num-prompts plus --num-warmups is {num_prompts + num_warmups}, over the "
+                         f"{MAX_REQUESTS} requests one run can prepare; lower them")
+    if workload.dataset is None:
+        tokens = (num_prompts + num_warmups) * (workload.prefix_len
+                                                + length_range(workload.input_len, workload.range_ratio)[1])
+        if tokens > MAX_WORKLOAD_TOKENS:
+            raise ValueError(f"the random prompts would hold up to {tokens} tokens, over the "
+                             f"{MAX_WORKLOAD_TOKENS} one run can prepare; lower --num-prompts, "
+                             f"--input-len or --prefix-len")
+    if math.isfinite(rate) and num_prompts / rate > MAX_RUN_S:
+        raise ValueError(f"--request-rate {rate:g} would spread {num_prompts} requests over about "
+                         f"{num_prompts / rate / 3600:.3g} h (more than {MAX_RUN_S / 3600:g} h); "
+                         f"raise the rate or lower --num-prompts")
 
 
 class BenchError(RuntimeError):
@@ -189,12 +219,14 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
         try:
             status = await asyncio.wait_for(client.status(), CONNECT_TIMEOUT_S)
         except TimeoutError:  # asyncio's and the client's
-            raise BenchError(f"no answer from {endpoint} within {CONNECT_TIMEOUT_S:g} s: is a "
-                             f"pdserve server listening there? (start one with `pdserve serve`)") from None
+            what = ("a pdserve server's client endpoint" if settings.backend == "zmq" else
+                    "an OpenAI-compatible HTTP server (pdserve serve prints its HTTP address when ready)")
+            raise BenchError(f"no answer from {endpoint} within {CONNECT_TIMEOUT_S:g} s: is it {what}? "
+                             f"(start one with `pdserve serve`)") from None
         except ServerError as exc:
             raise BenchError(f"{endpoint} did not answer the status request: {exc}") from None
-        except OSError as exc:  # the HTTP backends: nothing listening
-            raise BenchError(f"cannot reach {endpoint}: {exc}") from None
+        except OSError as exc:  # the HTTP backends: nothing listening (the text names the URL)
+            raise BenchError(str(exc)) from None
         reported = reported_vocab_size(status)
         vocab_size = settings.vocab_size or reported
         if settings.vocab_size and reported and settings.vocab_size > reported:
@@ -210,12 +242,19 @@ async def bench_endpoint(endpoint: str, name: str, settings: BenchSettings) -> C
         async def measure(rate: float, prompts: list[BenchRequest]) -> tuple[dict, dict]:
             shape = settings.shape.with_rate(rate)
             bar = ProgressBar(len(prompts), f"[{name} {shape.describe()}] ", enabled=settings.progress)
-            result = await run_load(client, prompts, shape, settings.seed, settings.sampling,
-                                    on_done=lambda record: bar.update(not record.ok))
-            bar.close()
+            try:
+                result = await run_load(client, prompts, shape, settings.seed, settings.sampling,
+                                        on_done=lambda record: bar.update(not record.ok))
+            finally:  # an error line after a cut-short run starts on a line of its own
+                bar.close()
             summary = summarize(result.records, result.duration_s, settings.slo)
             summary.update(request_rate=rate, model=model, vocab_size=vocab_size,
                            errors=error_counts(result.records))
+            if settings.sweep is not None and all(record.invalid for record in result.records):
+                # the server refuses these prompts at any rate: halving it would only lengthen the run
+                raise BenchError(f"[{name}] the server refused every request of the run at {rate:g} req/s "
+                                 f"({next(iter(summary['errors']))}); no rate can pass, so the sweep "
+                                 f"stops: change the workload or the server and run again")
             return summary, latency_samples_ms(result.records)
 
         if settings.sweep is None:
@@ -260,8 +299,37 @@ def _target_params(args: argparse.Namespace, specs: list[ClusterSpec], endpoint:
 
 
 def _check_output_path(option: str, path: str | None) -> None:
-    if path is not None and not Path(path).resolve().parent.is_dir():
-        raise ValueError(f"{option} {path}: the directory {Path(path).resolve().parent} does not exist")
+    """Refuse an output file that could not be written, before minutes of load are spent: the
+    file is created (and removed again when it was not there)."""
+    if path is None:
+        return
+    if not path.strip():
+        raise ValueError(f"{option} needs a file path, got {path!r}")
+    target = Path(path)
+    if not target.resolve().parent.is_dir():
+        raise ValueError(f"{option} {path}: the directory {target.resolve().parent} does not exist")
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file path")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path} cannot be written ({exc.strerror}); choose another path") from None
+    if not existed:
+        target.unlink(missing_ok=True)
+
+
+def _log_errors(name: str, errors: dict[str, int], keep: bool) -> None:
+    """One line per error message, the most frequent first, at most MAX_ERROR_LINES: messages
+    that name a token id or a length differ per request, and would flood the terminal."""
+    messages = list(errors.items())
+    for message, count in messages[:MAX_ERROR_LINES]:
+        _log(f"[{name}] {count} request(s) failed: {message}")
+    if len(messages) > MAX_ERROR_LINES:
+        rest = messages[MAX_ERROR_LINES:]
+        _log(f"[{name}] {sum(count for _, count in rest)} more request(s) failed with {len(rest)} other "
+             f"message(s); {'the --json file lists' if keep else '--json PATH keeps'} them all")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -281,6 +349,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--base-url is for --backend openai or openai-chat")
         else:
             endpoint = None if specs else args.endpoint or default_endpoint("client")
+        if args.tp < 1:  # else every spawned worker would fail on it, one usage text each
+            raise ValueError(f"--tp must be a positive integer, got {args.tp}")
         if not specs and (args.tp != 1 or args.kv_transport != "auto"
                           or (args.model and args.backend == "zmq")):
             raise ValueError("--model, --tp and --kv-transport apply to --spawn; a running server "
@@ -291,25 +361,30 @@ def run(args: argparse.Namespace) -> int:
         _check_output_path("--json", args.json)
         _check_output_path("--plot", args.plot)
         if args.plot:
-            check_plot_available()
+            check_plot_available(args.plot)
     except (ValueError, PlotUnavailable) as exc:
         _log(f"pdserve bench: error: {exc}")
         return 2
     started = time.time()
     try:
         results = _bench_all(args, settings, specs, endpoint)
-    except (ValueError, BenchError, OSError, RuntimeError) as exc:
-        # ValueError here: a bad dataset or --vocab-size, found once the server answered
+    except ServerGone as exc:
+        completed = sum(record.ok for record in exc.records)
+        _log(f"pdserve bench: error: {exc} mid-run; {completed} of {exc.total} requests had completed. "
+             f"No results written: check the server (pdserve status) and run again")
+        return 1
+    except (ValueError, BenchError, OSError, RuntimeError, ServerError) as exc:
+        # ValueError here: a bad dataset or --vocab-size, found once the server answered;
+        # ServerError: nothing listens at the endpoint
         _log(f"pdserve bench: error: {exc}")
         return 2 if isinstance(exc, ValueError) else 1
     except KeyboardInterrupt:
-        _log("pdserve bench: interrupted")
+        _log("pdserve bench: interrupted; the requests in flight were cancelled, no results written")
         return 130
 
     print(format_table(results))
     for result in results:
-        for message, count in result.summary["errors"].items():
-            _log(f"[{result.name}] {count} request(s) failed: {message}")
+        _log_errors(result.name, result.summary["errors"], keep=bool(args.json))
     if args.json:
         params = {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                   **_target_params(args, specs, endpoint), **settings.params()}

@@ -56,7 +56,9 @@ class RequestRecord:
     """What the load generator saw of one request (``time.perf_counter`` seconds).
 
     ``chunk_times``: arrival of every chunk that carried tokens. ``end``: arrival of the final
-    chunk. ``error`` is set when the request failed (then the times are not used).
+    chunk. ``error`` is set when the request failed (then the times are not used); ``lost``
+    when that failure may mean the server is gone (a lost or refused connection), ``invalid``
+    when the server refused the request itself (too long a prompt, ...), whatever the load.
     """
 
     start: float
@@ -65,6 +67,8 @@ class RequestRecord:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    lost: bool = False
+    invalid: bool = False
 
     @property
     def ok(self) -> bool:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx2
 
@@ -31,7 +32,16 @@ class OpenAIClient:
                  api_key: str | None = None, timeout: float = 300.0):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"--base-url must start with http:// or https://, got {base_url!r}")
-        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        try:
+            url = urlsplit(base_url)
+            url.port  # noqa: B018 (raises ValueError for a port that is not one)
+            if not url.hostname:
+                raise ValueError("no host")
+            self.base_url = base_url.rstrip("/").removesuffix("/v1")
+            httpx2.URL(self.base_url)
+        except (ValueError, httpx2.InvalidURL) as exc:
+            raise ValueError(f"--base-url {base_url!r} is not a usable URL ({exc}); write it as "
+                             f"http://HOST:PORT, e.g. http://127.0.0.1:8000") from None
         self.chat = chat
         self.model = model
         key = api_key or os.environ.get(API_KEY_ENV) or os.environ.get("PDSERVE_API_KEY")
@@ -55,8 +65,12 @@ class OpenAIClient:
         if response.status_code != 200:
             raise ServerError(str(response.status_code), _error_message(response.text))
         models = response.json().get("data") or [{}]
+        served = [entry.get("id") for entry in models if entry.get("id")]
         if self.model is None:
             self.model = models[0].get("id")
+        elif served and self.model not in served:  # else every request would fail with a 404
+            raise ValueError(f"--model {self.model} is not served at {self.base_url}; it serves "
+                             f"{', '.join(served)} (leave --model out to take the first)")
         return {"router": {"model": self.model}}
 
     def _body(self, prompt: str | None, prompt_token_ids: list[int] | None, max_tokens: int,
@@ -73,6 +87,14 @@ class OpenAIClient:
                        max_tokens: int = 16, **sampling) -> AsyncIterator[StreamChunk]:
         """Stream one request. Raises ServerError on an HTTP or in-stream error."""
         path, body = self._body(prompt, prompt_token_ids, max_tokens, sampling)
+        try:
+            async for chunk in self._stream(path, body):
+                yield chunk
+        except (httpx2.NetworkError, httpx2.RemoteProtocolError) as exc:
+            # the runner takes a ConnectionError as a sign the server may be gone
+            raise ConnectionError(f"lost the connection to {self.base_url}: {exc}") from None
+
+    async def _stream(self, path: str, body: dict) -> AsyncIterator[StreamChunk]:
         num_seen, reason = 0, None
         async with self._http.stream("POST", path, json=body) as response:
             if response.status_code != 200:

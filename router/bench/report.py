@@ -151,13 +151,23 @@ class PlotUnavailable(RuntimeError):
     """--plot was asked for but matplotlib is not installed."""
 
 
-def check_plot_available() -> None:
-    """Raise PlotUnavailable (with the install command) when matplotlib is missing."""
+def check_plot_available(path: str | Path | None = None) -> None:
+    """Raise PlotUnavailable (with the install command) when matplotlib is missing, and
+    ValueError when it cannot write the image format ``path`` ends in."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise PlotUnavailable("--plot needs matplotlib: install it with "
                               "pip install 'pdserve[plot]' (or pip install matplotlib)") from None
+    if path is None:
+        return
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix and suffix not in formats:  # no suffix: matplotlib writes a PNG
+        raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; end the name in .png "
+                         f"(or {', '.join('.' + name for name in sorted(formats))})")
 
 
 def _rate_points(result: ConfigResult) -> list[tuple[float, dict]]:

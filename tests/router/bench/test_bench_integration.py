@@ -95,3 +95,18 @@ def test_requests_the_server_refuses_are_counted_as_failed(cluster, tmp_path, ca
     [(message, count)] = result["errors"].items()
     assert count == 2 and "InvalidRequest" in message
     assert f"2 request(s) failed: {message}" in capsys.readouterr().err
+
+
+def test_many_different_errors_are_summed_up_in_a_few_lines(cluster, tmp_path, capsys):
+    # each prompt is refused with its own length in the message: 8 messages, 5 lines + 1
+    dataset = tmp_path / "too_long.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt_token_ids": [65] * (3000 + i), "output_len": 2}) + "\n"
+                               for i in range(8)))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--endpoint", cluster.endpoint, "--dataset", str(dataset), "--num-prompts", "8",
+                              "--num-warmups", "0", "--timeout", "60", "--no-progress"])
+    assert run(args) == 1
+    lines = [line for line in capsys.readouterr().err.splitlines() if "failed" in line]
+    assert len(lines) == 6, lines
+    assert lines[5].endswith("3 more request(s) failed with 3 other message(s); --json PATH keeps them all")

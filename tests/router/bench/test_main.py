@@ -66,6 +66,24 @@ def test_settings_from_defaults_and_sweep_start():
     (["--endpoint", "tcp://a", "--slo-tpot-ms", "-5"], "--slo-tpot-ms must be a positive"),
     (["--endpoint", "tcp://a", "--sweep-rate", "--slo-target", "2"], "--slo-target must be in"),
     (["--endpoint", "tcp://a", "--json", "/nonexistent-dir/x.json"], "--json /nonexistent-dir/x.json"),
+    # output paths that cannot be written are refused before the run, not after it
+    (["--endpoint", "tcp://a", "--json", ""], "--json needs a file path"),
+    (["--endpoint", "tcp://a", "--json", "/"], "--json / is a directory"),
+    (["--endpoint", "tcp://a", "--json", "/proc/bench.json"], "--json /proc/bench.json cannot be written"),
+    (["--endpoint", "tcp://a", "--plot", "/proc/bench.png"], "--plot /proc/bench.png cannot be written"),
+    # sizes that would exhaust the memory or take forever before the first request
+    (["--endpoint", "tcp://a", "--num-prompts", "20000000"], "over the 10000000 requests"),
+    (["--endpoint", "tcp://a", "--num-prompts", "100000", "--input-len", "100000"],
+     "lower --num-prompts, --input-len or --prefix-len"),
+    (["--endpoint", "tcp://a", "--request-rate", "1e-300"], "raise the rate or lower --num-prompts"),
+    (["--endpoint", "tcp://a", "--timeout", "inf"], "--timeout must be a positive finite number"),
+    (["--endpoint", "tcp://a", "--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--backend", "openai", "--base-url", "http://[::1"], "--base-url 'http://[::1' is not a usable URL"),
+    (["--backend", "openai", "--base-url", "http://"], "is not a usable URL (no host)"),
+    (["--backend", "openai", "--base-url", "http://127.0.0.1:99999"], "is not a usable URL (Port out of range"),
+    (["--spawn", "colocated:1", "--tp", "0"], "--tp must be a positive integer, got 0"),
+    (["--endpoint", "tcp://a", "--vocab-size", str(10**23)], "--vocab-size must be a positive integer up to"),
+    (["--endpoint", "tcp://a", "--output-len", str(10**23)], "--output-len must be a positive integer up to"),
 ])
 def test_bad_options_exit_2_with_a_message_before_connecting(argv, message, capsys):
     assert run(_args(*argv)) == 2
@@ -78,3 +96,32 @@ def test_module_entry_point_reports_bad_options():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--spawn 'disagg:1x1d' is not a configuration" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_refused_before_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    assert run(_args("--endpoint", "tcp://a", "--plot", str(tmp_path / "bench.txt"))) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib cannot write .txt files; end the name in .png" in err
+
+
+def test_the_output_path_probe_leaves_no_file_behind(tmp_path):
+    # the probe creates the file to prove it can; a run refused later must not leave it there
+    out = tmp_path / "out.json"
+    assert run(_args("--endpoint", "tcp://a", "--json", str(out), "--num-prompts", "0")) == 2
+    assert run(_args("--endpoint", "tcp://a", "--json", str(out), "--plot", "/proc/x.png")) == 2
+    assert not out.exists()
+
+
+def test_an_http_address_where_nothing_listens_is_named_once(capsys):
+    # nothing listens on port 1; the line used to say "cannot reach URL: cannot reach URL: ..."
+    assert run(_args("--backend", "openai", "--base-url", "http://127.0.0.1:1", "--num-prompts", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve bench: error: cannot reach http://127.0.0.1:1: ") and err.count("cannot reach") == 1
+
+
+def test_an_endpoint_where_nothing_listens_is_one_line_from_the_python_entry_point(capsys):
+    # the `pdserve` command caught the client's error, run() itself (python -m router.bench) did not
+    assert run(_args("--endpoint", "tcp://127.0.0.1:1", "--num-prompts", "1")) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pdserve bench: error: unavailable: no router at tcp://127.0.0.1:1") and "Traceback" not in err
