@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show the router's workers and load")
     _add_client_arguments(status)
 
-    scale = sub.add_parser("scale", help="add or drain workers of a running --launcher ray cluster")
+    scale = sub.add_parser("scale", help="add or drain workers of a running pdserve serve cluster")
     scale.add_argument("--prefill", type=int, default=None, help="prefill workers wanted")
     scale.add_argument("--decode", type=int, default=None, help="decode workers wanted")
     _add_client_arguments(scale)
@@ -151,7 +151,8 @@ def cmd_serve(args) -> int:
                                num_workers=args.workers, listen=args.listen or default_endpoint("client"),
                                curve_dir=args.curve_dir, router_in_process=not args.router_process,
                                log_to_stderr=True, http=http_config_from_args(args),
-                               supervise=not args.no_restart, router_options=router_options, **engine)
+                               supervise=not args.no_restart, router_options=router_options,
+                               drain_timeout_s=args.drain_timeout, **engine)
     with cluster:
         layout = (f"{args.prefill} prefill + {args.decode} decode" if args.mode == "disagg"
                   else f"{args.workers} colocated")

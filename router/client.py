@@ -39,6 +39,7 @@ from router.client_types import (ClientTimeout, Completion, InternalError, Inval
                                  Overloaded, RequestMetrics, RequestTimeout, ServerError,
                                  StreamChunk, Unavailable, error_for)
 from router.probe import why_no_listener
+from router.scaling import check_counts
 from router.security import CurveKeys, check_endpoint
 from router.sockets import AUTH_FAILED, HANDSHAKE_FAILED, SILENT_REFUSALS, LoopSocket
 from router.validation import MAX_PROMPT_CHARS
@@ -247,6 +248,10 @@ class AsyncClient:
         that count). Returns at once with ``{"added": [ids], "draining": [ids], "prefill": N,
         "decode": M}``; added workers take load once registered, removed ones drain first.
         Raises InvalidRequest when the router cannot start or stop workers, or a count is bad."""
+        try:
+            check_counts(prefill, decode)
+        except ValueError as exc:
+            raise InvalidRequest(P.ERR_INVALID, str(exc)) from None
         return (await self._ask(lambda rid: P.ScaleRequest(rid, prefill, decode))).result
 
     async def _ask(self, make) -> P.Message:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router.config import RouterConfig
+from router.scaling import check_count
 from router.security import check_bind
 from router.supervisor import Supervisor, SupervisorConfig
 
@@ -87,14 +88,16 @@ class LocalCluster:
                  log_to_stderr: bool = False,
                  startup_timeout_s: float = 300.0, grace_s: float = 10.0,
                  worker_args: tuple[str, ...] = (), env: dict | None = None, http=None,
-                 supervise: bool = False, supervisor_config: SupervisorConfig | None = None):
+                 supervise: bool = False, supervisor_config: SupervisorConfig | None = None,
+                 drain_timeout_s: float = 60.0):
         if mode not in ("disagg", "colocated"):
             raise ValueError(f"--mode must be disagg or colocated, got {mode!r}")
         counts = {"--prefill": num_prefill, "--decode": num_decode} if mode == "disagg" \
             else {"--workers": num_workers}
         for flag, n in counts.items():
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {n!r}")
+            check_count(flag, n)  # before building a list of that many roles
+        if not isinstance(drain_timeout_s, (int, float)) or not drain_timeout_s > 0:
+            raise ValueError(f"--drain-timeout must be a positive number of seconds, got {drain_timeout_s!r}")
         if listen is not None:
             check_bind(listen, curve_dir, "--listen")
         self.mode = mode
@@ -133,6 +136,8 @@ class LocalCluster:
         self.supervise = supervise
         self.supervisor_config = supervisor_config
         self.supervisor: Supervisor | None = None
+        self.drain_timeout_s = drain_timeout_s
+        self.retired: list[WorkerProcess] = []  # removed by a scale-down (router/local_scaling.py)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def __enter__(self) -> "LocalCluster":
@@ -156,6 +161,10 @@ class LocalCluster:
             for i, role in enumerate(self.roles):
                 self.start_worker(role, f"{role}-{sum(r == role for r in self.roles[:i])}")
             self.wait_for_workers(len(self.roles), self.startup_timeout_s)
+            if self._router_thread is not None:  # a router subprocess cannot call back into us
+                from router.local_scaling import LocalScaler
+                scaler = LocalScaler(self, self._router_thread, self.drain_timeout_s)
+                self._router_thread.call(setattr, self._router_thread.router, "scaler", scaler)
             if self.supervise:
                 self.supervisor = Supervisor(self, self.supervisor_config, self._publish_supervision).start()
         except BaseException:
@@ -219,6 +228,8 @@ class LocalCluster:
         """Spawn one ``pdserve worker`` (also used to restart a killed one). ``extra_args``
         follow the cluster's own options (so they override them) and are remembered for
         restarts of this worker id."""
+        if any(w.worker_id == worker_id for w in self.retired):
+            raise ValueError(f"worker {worker_id} was removed by a scale-down")
         if extra_args is not None:
             self._extra_args[worker_id] = tuple(extra_args)
         argv = [sys.executable, "-m", "router.cli", "worker", "--role", role, "--router", self.backend,
@@ -230,6 +241,15 @@ class LocalCluster:
                 argv += [f"--{name.replace('_', '-')}", str(value)]
         return self._add_worker(role, worker_id, argv + list(self.worker_args)
                                 + list(self._extra_args.get(worker_id, ())))
+
+    def retire_worker(self, worker_id: str) -> WorkerProcess | None:
+        """Take a drained worker off the list (nothing restarts it); ``stop()`` still stops it."""
+        with self._workers_lock:
+            worker = next((w for w in self.workers if w.worker_id == worker_id), None)
+            self.workers = [w for w in self.workers if w.worker_id != worker_id]
+            if worker is not None:
+                self.retired.append(worker)
+        return worker
 
     def _add_worker(self, role: str, worker_id: str, argv: list[str]) -> WorkerProcess:
         log_path = None if self.log_to_stderr else self.run_dir / f"{worker_id}.log"
@@ -327,7 +347,7 @@ class LocalCluster:
         if self._status_client is not None:
             self._status_client.close()
             self._status_client = None
-        workers = [w.proc for w in self.worker_processes()]
+        workers = [w.proc for w in self.worker_processes() + self.retired]
         if self._router_thread is not None:
             # The sockets stay open until the workers have read their Shutdown and exited: zmq
             # drops unread messages of a dropped connection.

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import socket
 import threading
 import time
@@ -46,6 +47,7 @@ from pathlib import Path
 from router.config import RouterConfig
 from router.launcher import THREADS_ENV, ClusterError
 from router.ray_actor import actor_class, import_ray
+from router.scaling import check_count, check_counts
 from router.security import check_bind, is_local_endpoint
 
 log = logging.getLogger("pdserve.ray")
@@ -109,9 +111,8 @@ class RayCluster:
                  backend: str | None = None, curve_dir: str | None = None, ray: RayOptions | None = None,
                  router_options: dict | None = None, startup_timeout_s: float = 300.0,
                  worker_args: tuple[str, ...] = (), env: dict | None = None, http=None):
-        for flag, n in (("--prefill", num_prefill), ("--decode", num_decode)):
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {n!r}")
+        check_count("--prefill", num_prefill)
+        check_count("--decode", num_decode)
         self.ray = ray or RayOptions()
         self.engine = {"model": model, "tp": tp, "dtype": dtype, "device": device,
                        "max_model_len": max_model_len, "block_size": block_size,
@@ -153,7 +154,7 @@ class RayCluster:
         Raises ValueError (bad options, no Ray) or ClusterError (workers did not register)."""
         ray = import_ray()
         if not ray.is_initialized():
-            ray.init(address=self.ray.address, include_dashboard=False, log_to_driver=True)
+            _init_keeping_signal_handlers(ray, self.ray.address)
             self._owns_ray = True
         try:
             self._start_router()
@@ -260,10 +261,8 @@ class RayCluster:
     # -- Scaler (called on the router's loop) --------------------------------------------------
     def scale(self, num_prefill: int | None, num_decode: int | None) -> dict:
         """Start or drain workers so that each role has its count (None: unchanged)."""
+        check_counts(num_prefill, num_decode)
         wanted = {"prefill": num_prefill, "decode": num_decode}
-        for role, n in wanted.items():
-            if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-                raise ValueError(f"--{role} must be a positive integer, got {n!r}")
         router = self._router_thread.router
         added, draining = [], []
         for role, n in wanted.items():
@@ -309,3 +308,17 @@ class RayCluster:
         if self._owns_ray:
             import_ray().shutdown()
             self._owns_ray = False
+
+
+def _init_keeping_signal_handlers(ray, address: str) -> None:
+    """``ray.init`` replaces this process's SIGTERM handler with one that exits with status 15
+    after dumping a stack trace: keep ours (``pdserve serve`` stops its cluster on SIGTERM and
+    exits 0)."""
+    if threading.current_thread() is not threading.main_thread():
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)

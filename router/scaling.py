@@ -29,6 +29,27 @@ if TYPE_CHECKING:
     from router.workers import WorkerRecord
 
 log = logging.getLogger("pdserve.router")
+# A bound on the workers of one role (at start or by a scale request), far above any real
+# cluster: a typo (an extra zero, a count meant for tokens) must be refused, not start
+# thousands of workers.
+MAX_WORKERS_PER_ROLE = 256
+
+
+def check_count(flag: str, n: object) -> None:
+    """Raise ValueError, naming ``flag``, unless ``n`` is an int in 1..MAX_WORKERS_PER_ROLE."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{flag} must be a positive integer (a role needs at least one worker), got {n!r}")
+    if n > MAX_WORKERS_PER_ROLE:
+        raise ValueError(f"{flag} {n} is over the {MAX_WORKERS_PER_ROLE} workers per role a cluster may "
+                         "have; ask for fewer")
+
+
+def check_counts(num_prefill: object, num_decode: object) -> None:
+    """``check_count`` for a scale request's counts (None: unchanged, accepted). The client
+    checks before sending, the router again on receipt."""
+    for flag, n in (("--prefill", num_prefill), ("--decode", num_decode)):
+        if n is not None:
+            check_count(flag, n)
 
 
 class Scaler(Protocol):

@@ -28,7 +28,7 @@ from router.liveness import DISCONNECTED
 from router.model_info import ModelInfo
 from router.payloads import HeartbeatStats
 from router.request import Request
-from router.scaling import Drainer, Scaler
+from router.scaling import Drainer, Scaler, check_counts
 from router.scheduler import RequestScheduler
 from router.status import router_status
 from router.security import CurveKeys
@@ -218,12 +218,18 @@ class Router:
     def _scale(self, client: bytes, msg: P.ScaleRequest) -> None:
         if self.scaler is None:
             self.error(client, msg.rid, P.ERR_INVALID, "this router cannot start or stop workers; "
-                       "scale a cluster started with `pdserve serve --launcher ray`")
+                       "scale a cluster started with `pdserve serve` (without --router-process)")
             return
         try:
+            check_counts(msg.num_prefill, msg.num_decode)
             result = self.scaler.scale(msg.num_prefill, msg.num_decode)
         except ValueError as exc:
             self.error(client, msg.rid, P.ERR_INVALID, str(exc))
+            return
+        except Exception as exc:  # the launcher's failure: answer rather than leave the client waiting
+            log.exception("scaling to prefill=%s decode=%s failed", msg.num_prefill, msg.num_decode)
+            self.error(client, msg.rid, P.ERR_INTERNAL, f"the launcher failed to scale the cluster: {exc!r}; "
+                       "see the router's log, then check `pdserve status` and retry")
             return
         self.clients.send(client, P.encode(P.ScaleReply(msg.rid, result)), final=True)
 

@@ -17,7 +17,7 @@ ray = pytest.importorskip("ray", reason="the Ray launcher tests need Ray: pip in
 from router.client import AsyncClient, Client  # noqa: E402
 from router.ray_launcher import RayCluster, RayOptions  # noqa: E402
 from router.status_table import format_status  # noqa: E402
-from tests.e2e.helpers import greedy_reference, wait_all_blocks_free  # noqa: E402
+from tests.e2e.helpers import greedy_reference, pid_alive, wait_all_blocks_free  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -173,6 +173,90 @@ def test_scale_up_and_drain_down_while_serving(pd_cluster, ray_nodes, workload):
         wait_until(lambda: set(pd_cluster.groups) == {"prefill-0", "decode-0"}, "drained actors removed")
 
 
+
+def test_concurrent_random_scaling_while_serving_ends_as_the_last_request(pd_cluster, ray_nodes, workload):
+    """Three clients scale up and down at once, in a seeded random order, while streams run:
+    no stream fails or changes, the cluster ends with the counts of a last request, and every
+    removed worker's process is gone."""
+    import threading
+
+    prompts, reference = workload
+    ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)  # room for 2 + 2
+    failed = status(pd_cluster)["router"]["failed"]
+    pids_seen: set[int] = set()
+    last: dict[int, tuple[int, int]] = {}
+    errors: list[BaseException] = []
+
+    def client_calls(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            with Client(pd_cluster.endpoint, timeout=60) as client:
+                for _ in range(4):
+                    wanted = (rng.randint(1, 2), rng.randint(1, 2))
+                    result = client.scale(prefill=wanted[0], decode=wanted[1])
+                    assert (result["prefill"], result["decode"]) == wanted, result
+                    last[seed] = wanted
+                    pids_seen.update(w["pid"] for w in client.status()["workers"] if w["pid"])
+                    time.sleep(rng.uniform(0, 0.5))
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    def chaos() -> None:
+        threads = [threading.Thread(target=client_calls, args=(seed,)) for seed in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT_S)
+
+    assert streams(pd_cluster, prompts, during=chaos) == reference
+    assert not errors, errors
+    with Client(pd_cluster.endpoint, timeout=60) as client:
+        counts = client.scale()  # no count: reads the counts in force
+    final = (counts["prefill"], counts["decode"])
+    assert final in last.values(), (final, last)
+    settled(pd_cluster, *final)
+    assert streams(pd_cluster, prompts) == reference
+    assert status(pd_cluster)["router"]["failed"] == failed
+
+    with Client(pd_cluster.endpoint, timeout=60) as client:
+        client.scale(prefill=1, decode=1)
+    workers = settled(pd_cluster)
+    wait_until(lambda: set(pd_cluster.groups) == {w["id"] for w in workers}, "drained actors removed")
+    kept = {w["pid"] for w in workers}
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids_seen - kept), "removed workers' processes exiting")
+
+
+
+def test_serve_on_ray_stops_cleanly_on_sigterm_while_a_scale_up_is_under_way(ray_nodes, tiny_model, tmp_path):
+    """``pdserve serve --launcher ray`` keeps its own SIGTERM handling (Ray's would exit 15
+    with a stack dump): SIGTERM while added workers are still being placed exits 0, and no
+    worker process outlives it."""
+    import os
+    import signal
+
+    for _ in range(2):  # its own prefill and decode, beside the shared cluster's
+        ray_nodes.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+    endpoint = f"ipc://{tmp_path}/c.ipc"
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--launcher", "ray",
+                                 "--ray-address", ray_nodes.address, "--model", str(tiny_model), "--listen",
+                                 endpoint, "--no-http", "--num-kv-blocks", "64"],
+                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    try:
+        assert "pdserve ready" in proc.stdout.readline(), (tmp_path / "serve.log").read_text()[-3000:]
+        with Client(endpoint, timeout=60) as client:
+            pids = [w["pid"] for w in client.status()["workers"]]
+            result = client.scale(prefill=2, decode=3)  # more than the free CPUs: some stay pending
+            assert sorted(result["added"]) == ["decode-1", "decode-2", "prefill-1"], result
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "SIGTERM received" not in (tmp_path / "serve.log").read_text()
+    wait_until(lambda: not any(pid_alive(pid) for pid in pids), "the served workers' processes exiting", 60)
+
 def test_tensor_parallel_worker_is_one_actor_per_rank_and_restarts_as_a_group(ray_nodes, tiny_model, workload):
     """TP 2: ranks are actors in one placement group on one node; a killed rank-1 actor takes
     the whole group down and Ray brings it back; output still matches transformers."""
@@ -202,6 +286,21 @@ def test_scale_refuses_bad_counts(pd_cluster):
     with Client(pd_cluster.endpoint, timeout=60) as client:
         with pytest.raises(InvalidRequest, match="--decode must be a positive integer"):
             client.scale(decode=0)
+        with pytest.raises(InvalidRequest, match="over the 256 workers per role"):
+            client.scale(prefill=10**9)
+    # Sent raw, past the client's check: the router refuses it before its launcher starts any.
+    import zmq
+
+    from router import protocol as P
+    with zmq.Context() as ctx:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(pd_cluster.endpoint)
+        sock.send(P.encode(P.ScaleRequest("r", None, 10**9)))
+        assert sock.poll(60_000), "no answer to a scale request for 10**9 workers"
+        reply = P.decode(sock.recv())
+        sock.close(0)
+    assert isinstance(reply, P.Error) and "--decode 1000000000 is over" in reply.message, reply
+    assert set(pd_cluster.groups) == {"prefill-0", "decode-0"}
 
 
 def test_off_loopback_without_keys_is_refused(ray_nodes):
