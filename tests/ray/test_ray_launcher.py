@@ -226,7 +226,6 @@ def test_concurrent_random_scaling_while_serving_ends_as_the_last_request(pd_clu
     wait_until(lambda: not any(pid_alive(pid) for pid in pids_seen - kept), "removed workers' processes exiting")
 
 
-
 def test_serve_on_ray_stops_cleanly_on_sigterm_while_a_scale_up_is_under_way(ray_nodes, tiny_model, tmp_path):
     """``pdserve serve --launcher ray`` keeps its own SIGTERM handling (Ray's would exit 15
     with a stack dump): SIGTERM while added workers are still being placed exits 0, and no
@@ -256,6 +255,7 @@ def test_serve_on_ray_stops_cleanly_on_sigterm_while_a_scale_up_is_under_way(ray
             proc.wait()
     assert "SIGTERM received" not in (tmp_path / "serve.log").read_text()
     wait_until(lambda: not any(pid_alive(pid) for pid in pids), "the served workers' processes exiting", 60)
+
 
 def test_tensor_parallel_worker_is_one_actor_per_rank_and_restarts_as_a_group(ray_nodes, tiny_model, workload):
     """TP 2: ranks are actors in one placement group on one node; a killed rank-1 actor takes
