@@ -10,7 +10,10 @@ again or incoming messages may sit unnoticed, so every send schedules one drain 
 
 Peer disconnects: a ROUTER socket's monitor reports the file descriptor of a dropped
 connection, and every received message carries the descriptor it came in on (``zmq.SRCFD``),
-so the socket maps descriptors to routing ids and calls ``on_disconnect(routing_id)``.
+so the socket maps descriptors to routing ids and calls ``on_disconnect(routing_id)``. A closed
+connection's last messages can still arrive after the first ones of the connection that reused
+its descriptor: zmq's routing ids count up, so a message from a peer older than the
+descriptor's current one (or already gone) is known to be late, and dropped.
 
 Any other socket calls ``on_disconnect(reason)``:
 - ``AUTH_FAILED`` when the peer refused us: its authenticator denied our CurveZMQ key
