@@ -249,8 +249,8 @@ class LoopSocket:
         # A descriptor is reused only after its connection closed, and libzmq posts that
         # closure before the new connection exists: read it before judging who this is.
         self._drain_monitor(self._monitor)  # type: ignore[arg-type]
-        known = self._fd_peer.get(fd)
-        if _older(peer, known) or peer == self._fd_gone.get(fd) or _older(peer, self._fd_gone.get(fd)):
+        known, gone = self._fd_peer.get(fd), self._fd_gone.get(fd)
+        if peer == gone or _older(peer, known) or _older(peer, gone):
             return False
         if known is not None:
             # The descriptor was reused, so the old connection is closed; its DISCONNECTED

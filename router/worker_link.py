@@ -81,7 +81,8 @@ def check_admission(endpoint: str, curve_dir: str | None, within_s: float = 3.0)
             connected |= kind == zmq.EVENT_CONNECTED
             if kind == zmq.EVENT_CONNECT_RETRIED and not connected:
                 return  # nothing listens at the endpoint yet
-            if watch.event(kind, event["value"]) is not None and watch.refused is not None:
+            watch.event(kind, event["value"])
+            if watch.refused is not None:
                 raise RegistrationRefused(f"router {endpoint} refused this worker: {refusal_text(watch.refused)}")
             if watch.up:
                 return
